@@ -1,0 +1,1 @@
+"""nn.Modules and the builders registered for their spec types."""

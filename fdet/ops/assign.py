@@ -1,0 +1,141 @@
+"""Label assignment: which anchors learn which ground-truth box.
+
+An assignment labels every anchor of every image POSITIVE (regress towards and classify as
+``gt_index``), NEGATIVE (background) or IGNORE (no loss), on padded batches with static shapes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int, Int8
+from torch import Tensor
+
+from fdet.ops.boxes import box_iou
+
+__all__ = ["IGNORE", "NEGATIVE", "POSITIVE", "Assignment", "assign_max_iou"]
+
+POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
+
+
+class Assignment(NamedTuple):
+    """Per-anchor result of an assignment.
+
+    Attributes:
+        gt_index: ``[B, A]`` int64, the gt slot with the highest IoU among the image's valid slots.
+            Meaningful where ``label == POSITIVE``; elsewhere it is still the best valid slot, and
+            ``0`` in an image without valid gts, so never index with it unmasked.
+        label: ``[B, A]`` int8, ``POSITIVE`` (1), ``NEGATIVE`` (0) or ``IGNORE`` (-1).
+        iou: ``[B, A]`` IoU with the ``gt_index`` box; ``0`` in an image without valid gts.
+    """
+
+    gt_index: Int[Tensor, "B A"]
+    label: Int8[Tensor, "B A"]
+    iou: Float[Tensor, "B A"]
+
+
+def assign_max_iou(
+    anchors: Float[Tensor, "A 4"] | Float[Tensor, "B A 4"],
+    gt_boxes: Float[Tensor, "B M 4"],
+    gt_valid: Bool[Tensor, "B M"],
+    *,
+    pos_iou: float,
+    neg_iou: float,
+    low_quality_matches: bool = True,
+    min_low_quality_iou: float = 0.0,
+    ignore_mask: Bool[Tensor, " A"] | Bool[Tensor, "B A"] | None = None,
+) -> Assignment:
+    """Max-IoU labelling, as in RetinaNet and the RPN of Faster R-CNN.
+
+    Each anchor takes the valid gt it overlaps most (``gt_index``, with IoU ``iou``) and is
+    labelled by that IoU:
+
+    - ``iou >= pos_iou``: POSITIVE;
+    - ``neg_iou <= iou < pos_iou``: IGNORE;
+    - ``iou < neg_iou``: NEGATIVE.
+
+    With ``low_quality_matches``, a gt whose best anchor falls short of ``pos_iou`` still gets
+    one: every anchor that reaches some valid gt's highest IoU over all anchors (ties included)
+    becomes POSITIVE. Such an anchor keeps its own ``gt_index``, the gt it overlaps most, which is
+    not necessarily the gt that promoted it. Only maxima strictly above ``min_low_quality_iou``
+    count.
+
+    Worked example, ``pos_iou=0.5, neg_iou=0.4``, one image, two valid gts g0 and g1, four anchors::
+
+        IoU     a0    a1    a2    a3
+        g0     0.9   0.0   0.35  0.0
+        g1     0.0   0.3   0.2   0.0
+
+        gt_index   g0    g1    g0    g0      (a3 ties at 0 and takes the first valid slot)
+        iou       0.9   0.3   0.35  0.0
+        label     POS   NEG   NEG   NEG      (thresholds only)
+        label     POS   POS   NEG   NEG      (with low_quality_matches: a1 is g1's best anchor)
+
+    Had a2's IoU with g1 been 0.3 as well, a2 would tie with a1 for g1's best, and become POSITIVE
+    with ``gt_index`` g0 (its own best, at 0.35).
+
+    Where fdet differs from torchvision's ``Matcher(allow_low_quality_matches=True)``: there, a gt
+    that overlaps no anchor (or has zero area) has highest IoU 0, so every anchor with IoU 0 to it
+    (typically all of them) "reaches its maximum" and is turned POSITIVE. Here such a gt promotes
+    nothing, because 0 is not above the default ``min_low_quality_iou=0``. A negative
+    ``min_low_quality_iou`` restores torchvision's behaviour exactly; a positive one (e.g. 0.3,
+    much like MMDetection's ``min_pos_iou``) also drops gts that are only grazed.
+
+    Padding and empty images: slots with ``gt_valid`` False never match and never promote; an
+    image with no valid gt is all NEGATIVE (apart from ``ignore_mask``) with ``iou`` 0.
+    Degenerate (zero-area) valid gts have IoU 0 with everything, so they behave like gts
+    overlapping nothing; no NaNs arise.
+
+    ``ignore_mask`` (``[A]`` or ``[B, A]``, True = ignore) marks anchors to leave out, e.g. those
+    crossing the image border: they are labelled IGNORE and take no part in the low-quality
+    matching, so a gt's best anchor is sought among the others. ``gt_index`` and ``iou`` are still
+    reported for them.
+
+    Args:
+        anchors: ``[A, 4]`` shared by the batch, or ``[B, A, 4]`` per image.
+        gt_boxes: ``[B, M, 4]`` padded gt boxes; padded slots may hold anything, even NaN.
+        gt_valid: ``[B, M]`` True for real gts.
+        pos_iou, neg_iou: thresholds, ``0 <= neg_iou <= pos_iou``.
+
+    Returns:
+        An :class:`Assignment` of ``[B, A]`` tensors.
+
+    Static shapes, no host syncs: safe under ``torch.compile(fullgraph=True)``.
+    """
+    if not 0.0 <= neg_iou <= pos_iou:
+        raise ValueError(
+            f"assign_max_iou: need 0 <= neg_iou <= pos_iou, got neg_iou={neg_iou}, "
+            f"pos_iou={pos_iou}"
+        )
+    batch, num_gt = gt_valid.shape
+    if num_gt == 0:  # static: give the batch one padded slot, so that every image is empty
+        gt_boxes = gt_boxes.new_zeros(batch, 1, 4)
+        gt_valid = gt_valid.new_zeros(batch, 1)
+
+    valid = gt_valid[:, :, None]  # [B, M, 1]
+    iou = box_iou(gt_boxes, anchors)  # [B, M, A]
+    iou = torch.where(valid, iou, -1.0)  # [B, M, A] padded slots (even NaN boxes) rank last
+    best_iou, gt_index = iou.max(dim=1)  # [B, A]
+    has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]
+
+    positive = best_iou >= pos_iou  # [B, A]
+    negative = best_iou < neg_iou  # [B, A]
+    if low_quality_matches and anchors.shape[-2] > 0:
+        candidates = iou  # [B, M, A]
+        if ignore_mask is not None:
+            candidates = candidates.masked_fill(ignore_mask[..., None, :], -1.0)
+        gt_best = candidates.max(dim=2, keepdim=True).values  # [B, M, 1]
+        reaches_best = (candidates == gt_best) & (gt_best > min_low_quality_iou) & valid
+        positive = positive | reaches_best.any(dim=1)  # [B, A]
+
+    label = torch.where(negative, NEGATIVE, IGNORE)  # [B, A]
+    label = torch.where(positive, POSITIVE, label)
+    label = torch.where(has_gt, label, NEGATIVE)
+    if ignore_mask is not None:
+        label = torch.where(ignore_mask, IGNORE, label)
+    return Assignment(
+        gt_index=gt_index,
+        label=label.to(torch.int8),
+        iou=best_iou.clamp(min=0.0),
+    )

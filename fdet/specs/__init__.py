@@ -1,0 +1,42 @@
+"""Immutable, typed spec trees that describe detectors and experiments.
+
+Every spec class is a frozen, keyword-only attrs class validated at construction; every spec
+round-trips through JSON (:func:`to_json`, :func:`from_json`) and loads from spec files
+(:func:`load`).
+"""
+
+from fdet.specs._core import Spec, SpecError, spec_types
+from fdet.specs.backbones import ResNet
+from fdet.specs.dense import Anchors, DeltaXYWHCoder, DensePostprocess, MaxIoUAssigner, Normalize
+from fdet.specs.detectors import RetinaNet
+from fdet.specs.heads import RetinaHead
+from fdet.specs.loading import load, load_module
+from fdet.specs.losses import GIoULoss, L1Loss, SigmoidFocalLoss, SmoothL1Loss
+from fdet.specs.necks import FPN
+from fdet.specs.serde import SCHEMA_VERSION, from_dict, from_json, to_dict, to_json
+
+__all__ = [
+    "FPN",
+    "SCHEMA_VERSION",
+    "Anchors",
+    "DeltaXYWHCoder",
+    "DensePostprocess",
+    "GIoULoss",
+    "L1Loss",
+    "MaxIoUAssigner",
+    "Normalize",
+    "ResNet",
+    "RetinaHead",
+    "RetinaNet",
+    "SigmoidFocalLoss",
+    "SmoothL1Loss",
+    "Spec",
+    "SpecError",
+    "from_dict",
+    "from_json",
+    "load",
+    "load_module",
+    "spec_types",
+    "to_dict",
+    "to_json",
+]

@@ -1,0 +1,50 @@
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+LINT_PATHS = ["fdet", "tests", "specs", "benchmarks", "examples", "noxfile.py"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Install fdet with its test extra into this session's virtualenv and run pytest."""
+    session.install("-e", ".[test]")
+    workers = os.environ.get("FDET_TEST_WORKERS", "2")
+    args = session.posargs or ["-n", workers, "--durations=15"]
+    session.run("pytest", *args)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on the pure layers (ops, specs) and the registry."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "fdet/ops", "fdet/specs", "fdet/registry.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every benchmark script under benchmarks/ (results go to stdout)."""
+    session.install("-e", ".[test]")
+    scripts = sorted(
+        f for f in os.listdir("benchmarks") if f.endswith(".py") and not f.startswith("_")
+    )
+    if not scripts:
+        session.log("no benchmark scripts yet")
+    for script in scripts:
+        session.run("python", os.path.join("benchmarks", script), *session.posargs)

@@ -1,0 +1,29 @@
+"""RetinaNet, ResNet-50 + FPN (P3–P7), the 1x COCO recipe (80 classes).
+
+The architecture, anchors, assignment, losses and postprocess of torchvision's
+``retinanet_resnet50_fpn``: weights converted from it load unchanged.
+"""
+
+from fdet import specs
+
+MODEL = specs.RetinaNet(
+    backbone=specs.ResNet(depth=50, norm="frozen_bn", frozen_stages=1, out_levels=(3, 4, 5)),
+    neck=specs.FPN(in_levels=(3, 4, 5), out_levels=(3, 4, 5, 6, 7), channels=256, extra_from="p5"),
+    head=specs.RetinaHead(num_classes=80, num_convs=4, channels=256, prior_prob=0.01),
+    anchors=specs.Anchors(
+        strides=(8, 16, 32, 64, 128),
+        base_sizes=(32, 64, 128, 256, 512),
+        octave_scales=(1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+        ratios=(0.5, 1.0, 2.0),
+    ),
+    assigner=specs.MaxIoUAssigner(pos_iou=0.5, neg_iou=0.4, low_quality_matches=True),
+    coder=specs.DeltaXYWHCoder(means=(0, 0, 0, 0), stds=(1, 1, 1, 1)),
+    cls_loss=specs.SigmoidFocalLoss(alpha=0.25, gamma=2.0),
+    box_loss=specs.L1Loss(),
+    postprocess=specs.DensePostprocess(
+        score_threshold=0.05, topk_per_level=1000, nms_iou=0.5, max_detections=300
+    ),
+    normalize=specs.Normalize(
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_range=255.0
+    ),
+)
