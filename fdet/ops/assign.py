@@ -116,8 +116,7 @@ def assign_max_iou(
     valid = gt_valid[:, :, None]  # [B, M, 1]
     iou = box_iou(gt_boxes, anchors)  # [B, M, A]
     iou = torch.where(valid, iou, -1.0)  # [B, M, A] padded slots (even NaN boxes) rank last
-    best_iou, gt_index = iou.max(dim=1)  # [B, A]
-    has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]
+    best_iou, gt_index = iou.max(dim=1)  # [B, A] -1 in images without valid gts: NEGATIVE
 
     positive = best_iou >= pos_iou  # [B, A]
     negative = best_iou < neg_iou  # [B, A]
@@ -131,7 +130,6 @@ def assign_max_iou(
 
     label = torch.where(negative, NEGATIVE, IGNORE)  # [B, A]
     label = torch.where(positive, POSITIVE, label)
-    label = torch.where(has_gt, label, NEGATIVE)
     if ignore_mask is not None:
         label = torch.where(ignore_mask, IGNORE, label)
     return Assignment(
