@@ -66,9 +66,9 @@ def sigmoid_focal_loss(
     logits = _at_least_float32(logits)
     logits, targets = torch.broadcast_tensors(logits, targets.to(logits.dtype))
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    # 1 - p_t, with 1 - p as sigmoid(-logits): accurate where p rounds to 1.
-    one_minus_p_t = targets * torch.sigmoid(-logits) + (1 - targets) * torch.sigmoid(logits)
-    # Where 1 - p_t underflows to 0 the true gradient of the modulating factor is 0; the clamp
+    p = torch.sigmoid(logits)
+    one_minus_p_t = targets * (1 - p) + (1 - targets) * p
+    # Where 1 - p_t rounds to 0 the true gradient of the modulating factor is 0; the clamp
     # keeps pow's derivative (infinite at 0 for gamma < 1) out of the chain rule there.
     modulating = one_minus_p_t.clamp(min=torch.finfo(logits.dtype).tiny) ** gamma
     loss = ce * modulating
