@@ -1,1 +1,18 @@
 """nn.Modules and the builders registered for their spec types."""
+
+from fdet.models import backbones, detectors, heads, necks
+from fdet.models.backbones import ResNet
+from fdet.models.detectors import SingleStageDetector
+from fdet.models.heads import RetinaHead
+from fdet.models.necks import FPN
+
+__all__ = [
+    "FPN",
+    "ResNet",
+    "RetinaHead",
+    "SingleStageDetector",
+    "backbones",
+    "detectors",
+    "heads",
+    "necks",
+]

@@ -1,0 +1,5 @@
+"""Necks: backbone maps → pyramid maps ``(P_l for l in out_levels)`` of one width."""
+
+from fdet.models.necks.fpn import FPN, build_fpn
+
+__all__ = ["FPN", "build_fpn"]
