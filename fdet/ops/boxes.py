@@ -138,8 +138,9 @@ def _diou(boxes1: Tensor, boxes2: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     iou = _safe_div(inter, union)
     enclose_wh = _enclosing_wh(boxes1, boxes2)
     diagonal_sq = enclose_wh[..., 0] ** 2 + enclose_wh[..., 1] ** 2
-    d = (boxes1[..., :2] + boxes1[..., 2:] - boxes2[..., :2] - boxes2[..., 2:]) * 0.5  # centers
-    center_sq = d[..., 0] ** 2 + d[..., 1] ** 2
+    # Twice the centers, differenced as a whole: swapping the boxes negates it exactly.
+    offset = (boxes1[..., :2] + boxes1[..., 2:]) - (boxes2[..., :2] + boxes2[..., 2:])
+    center_sq = (offset[..., 0] ** 2 + offset[..., 1] ** 2) * 0.25  # squared center distance
     return iou - _safe_div(center_sq, diagonal_sq + eps), iou
 
 
@@ -175,9 +176,10 @@ def _aligned(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 def box_area(boxes: Float[Tensor, "*batch 4"]) -> Float[Tensor, "*batch"]:
     """Area of each box; a degenerate box (x2 < x1 or y2 < y1) has area 0, never negative.
 
-    (torchvision's ``box_area`` returns a negative area for a box with one inverted side.)
+    Computed in float32 at least, like the overlaps. (torchvision's ``box_area`` returns a
+    negative area for a box with one inverted side.)
     """
-    wh = _wh(boxes)
+    wh = _wh(_upcast(boxes))
     return wh[..., 0] * wh[..., 1]
 
 

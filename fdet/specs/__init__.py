@@ -13,7 +13,7 @@ from fdet.specs.heads import RetinaHead
 from fdet.specs.loading import load, load_module
 from fdet.specs.losses import GIoULoss, L1Loss, SigmoidFocalLoss, SmoothL1Loss
 from fdet.specs.necks import FPN
-from fdet.specs.serde import SCHEMA_VERSION, from_dict, from_json, to_dict, to_json
+from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
 
 __all__ = [
     "FPN",
@@ -32,6 +32,7 @@ __all__ = [
     "SmoothL1Loss",
     "Spec",
     "SpecError",
+    "format_tree",
     "from_dict",
     "from_json",
     "load",

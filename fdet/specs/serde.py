@@ -285,3 +285,22 @@ def from_json(text: str, expected: type[S] | None = None, *, source: str = "") -
             f"{where}invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
         ) from None
     return from_dict(data, expected, source=source)
+
+
+def format_tree(spec: Spec, *, indent: str = "  ") -> str:
+    """An indented, human-readable view of a spec tree (one field a line)."""
+    lines: list[str] = []
+
+    def walk(node: Spec, depth: int) -> None:
+        for f in _fields(type(node)):
+            value = getattr(node, f.name)
+            pad = indent * depth
+            if isinstance(value, Spec):
+                lines.append(f"{pad}{f.name}: {type(value).__name__}")
+                walk(value, depth + 1)
+            else:
+                lines.append(f"{pad}{f.name}: {value!r}")
+
+    lines.append(type(spec).__name__)
+    walk(spec, 1)
+    return "\n".join(lines)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -64,11 +66,11 @@ def _diag(x: torch.Tensor) -> torch.Tensor:
 @given(b=boxes())
 def test_format_round_trips(b: torch.Tensor) -> None:
     # Coordinates are below 384, where a float32 ulp is 3e-5; a round trip costs a few ulps.
-    tol = {"rtol": 0.0, "atol": 1e-4}
-    torch.testing.assert_close(B.cxcywh_to_xyxy(B.xyxy_to_cxcywh(b)), b, **tol)
-    torch.testing.assert_close(B.xywh_to_xyxy(B.xyxy_to_xywh(b)), b, **tol)
+    atol = 1e-4
+    torch.testing.assert_close(B.cxcywh_to_xyxy(B.xyxy_to_cxcywh(b)), b, rtol=0, atol=atol)
+    torch.testing.assert_close(B.xywh_to_xyxy(B.xyxy_to_xywh(b)), b, rtol=0, atol=atol)
     c = B.xyxy_to_cxcywh(b)
-    torch.testing.assert_close(B.xyxy_to_cxcywh(B.cxcywh_to_xyxy(c)), c, **tol)
+    torch.testing.assert_close(B.xyxy_to_cxcywh(B.cxcywh_to_xyxy(c)), c, rtol=0, atol=atol)
 
 
 @given(b=boxes())
@@ -105,8 +107,18 @@ def test_inverted_box_has_zero_area() -> None:
 @given(pair=box_pairs(min_size=1.0, degenerate=False, max_leading_dims=1))
 def test_pairwise_matches_torchvision(name: str, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
     ours, _, theirs = PAIRWISE[name]
-    a, b = pair
+    # In float64: the formulas, not float32 rounding, are compared. (For tiny boxes far from
+    # the origin torchvision's float32 DIoU is off by ~1e-5 where ours is not.)
+    a, b = (x.double() for x in pair)
     torch.testing.assert_close(ours(a, b), theirs(a, b))
+    # Gradients agree too (CIoU's α is a constant in both).
+    a64, b64 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(a.shape[:-1] + b.shape[-2:-1], generator=g, dtype=torch.float64)
+    g_ours = torch.autograd.grad((ours(a64, b64) * weights).sum(), (a64, b64))
+    g_theirs = torch.autograd.grad((theirs(a64, b64) * weights).sum(), (a64, b64))
+    for x, y in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(x, y)
 
 
 @pytest.mark.parametrize("name", list(PAIRWISE))
@@ -116,10 +128,10 @@ def test_pairwise_matches_torchvision_where_it_is_finite(
 ) -> None:
     """With zero-width/height boxes torchvision returns NaN for some pairs; elsewhere we agree."""
     ours, _, theirs = PAIRWISE[name]
-    a, b = pair
+    assert torch.isfinite(ours(*pair)).all()
+    a, b = (x.double() for x in pair)
     expected = theirs(a, b)
     got = ours(a, b)
-    assert torch.isfinite(got).all()
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite])
 
@@ -265,15 +277,16 @@ def test_batched_equals_per_slice(name: str, pair: tuple[torch.Tensor, torch.Ten
     pairwise, aligned, _ = PAIRWISE[name]
     a, b = pair
     full = pairwise(a, b)
-    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    flat = full.reshape(-1, *full.shape[-2:])
+    k = math.prod(a.shape[:-2])
+    flat_a, flat_b = a.reshape(k, *a.shape[-2:]), b.reshape(k, *b.shape[-2:])
+    flat = full.reshape(k, *full.shape[-2:])
     for i in range(flat_a.shape[0]):
         torch.testing.assert_close(flat[i], pairwise(flat_a[i], flat_b[i]))
     # Boxes shared by every image broadcast against a batch.
     if a.ndim > 2:
         torch.testing.assert_close(pairwise(a[0, ..., :, :], b), pairwise(a[0].expand_as(a), b))
     n = min(a.shape[-2], b.shape[-2])
-    al = aligned(a[..., :n, :], b[..., :n, :]).reshape(-1, n)
+    al = aligned(a[..., :n, :], b[..., :n, :]).reshape(k, n)
     for i in range(flat_a.shape[0]):
         torch.testing.assert_close(al[i], aligned(flat_a[i, :n], flat_b[i, :n]))
 
@@ -290,6 +303,8 @@ def test_low_precision_inputs_compute_in_float32(dtype: torch.dtype) -> None:
         torch.testing.assert_close(got, pairwise(low_a.float(), low_b.float()), msg=name)
         assert aligned(low_a, low_b).dtype == torch.float32
     torch.testing.assert_close(B.box_iou(a.half(), b.half())[0, 0], torch.tensor(0.5))
+    torch.testing.assert_close(B.box_area(a.to(dtype)), tvo.box_area(a.to(dtype)))
+    assert B.box_area(a.half())[0] == 90000
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +366,6 @@ def test_remove_small_boxes_rejects_batches() -> None:
 
 
 def _all_box_ops(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    n = a.shape[-2]
-    pred = b[..., :n, :]
     return (
         B.xyxy_to_cxcywh(a),
         B.cxcywh_to_xyxy(a),
@@ -364,13 +377,18 @@ def _all_box_ops(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor) -> tuple
         B.generalized_box_iou(a, b),
         B.distance_box_iou(a, b),
         B.complete_box_iou(a, b),
-        B.aligned_box_iou(pred, a),
-        B.aligned_generalized_box_iou(pred, a),
-        B.aligned_distance_box_iou(pred, a),
-        B.aligned_complete_box_iou(pred, a),
         B.clip_boxes(b, (100, 120)),
         B.clip_boxes(b, sizes),
         B.small_box_mask(a, min_size=8.0),
+    )
+
+
+def _iou_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (
+        (1 - B.aligned_box_iou(pred, target))
+        + (1 - B.aligned_generalized_box_iou(pred, target))
+        + (1 - B.aligned_distance_box_iou(pred, target))
+        + (1 - B.aligned_complete_box_iou(pred, target))
     )
 
 
@@ -383,4 +401,14 @@ def test_compiled_equals_eager() -> None:
     sizes = torch.tensor([[200, 150], [90, 300]])
     compiled = torch.compile(_all_box_ops, fullgraph=True)
     for got, expected in zip(compiled(a, b, sizes), _all_box_ops(a, b, sizes), strict=True):
+        torch.testing.assert_close(got, expected)
+    # The aligned measures as losses: values and gradients through the compiled graph.
+    compiled_losses = torch.compile(_iou_losses, fullgraph=True)
+    results = []
+    for fn in (compiled_losses, _iou_losses):
+        pred = b[..., :5, :].clone().requires_grad_(True)
+        loss = fn(pred, a)
+        results.append((loss, *torch.autograd.grad(loss.sum(), pred)))
+    for got, expected in zip(*results, strict=True):
+        assert torch.isfinite(expected).all()
         torch.testing.assert_close(got, expected)
