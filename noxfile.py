@@ -10,7 +10,8 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
-LINT_PATHS = ["fdet", "tests", "specs", "benchmarks", "examples", "noxfile.py"]
+_SOURCES = ("fdet", "tests", "specs", "benchmarks", "examples", "noxfile.py")
+LINT_PATHS = [p for p in _SOURCES if os.path.exists(p)]
 
 
 @nox.session

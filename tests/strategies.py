@@ -20,7 +20,7 @@ def random_boxes(
     degenerate_fraction: float = 0.0,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``[*shape, 4]`` xyxy boxes inside ``[0, image_size]²``; a fraction get zero width or height."""
+    """``[*shape, 4]`` xyxy boxes inside ``[0, image_size]²``; a fraction are degenerate."""
     xy = torch.rand(*shape, 2, generator=generator, dtype=torch.float64) * image_size
     wh = min_size + torch.rand(*shape, 2, generator=generator, dtype=torch.float64) * (
         max_size - min_size

@@ -7,6 +7,7 @@ round-trips through JSON (:func:`to_json`, :func:`from_json`) and loads from spe
 
 from fdet.specs._core import Spec, SpecError, spec_types
 from fdet.specs.backbones import ResNet
+from fdet.specs.data import CocoData, ShapesData, Transforms
 from fdet.specs.dense import Anchors, DeltaXYWHCoder, DensePostprocess, MaxIoUAssigner, Normalize
 from fdet.specs.detectors import RetinaNet
 from fdet.specs.heads import RetinaHead
@@ -14,13 +15,18 @@ from fdet.specs.loading import load, load_module
 from fdet.specs.losses import GIoULoss, L1Loss, SigmoidFocalLoss, SmoothL1Loss
 from fdet.specs.necks import FPN
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
+from fdet.specs.train import SGD, AdamW, Experiment, Schedule
 
 __all__ = [
     "FPN",
     "SCHEMA_VERSION",
+    "SGD",
+    "AdamW",
     "Anchors",
+    "CocoData",
     "DeltaXYWHCoder",
     "DensePostprocess",
+    "Experiment",
     "GIoULoss",
     "L1Loss",
     "MaxIoUAssigner",
@@ -28,10 +34,13 @@ __all__ = [
     "ResNet",
     "RetinaHead",
     "RetinaNet",
+    "Schedule",
+    "ShapesData",
     "SigmoidFocalLoss",
     "SmoothL1Loss",
     "Spec",
     "SpecError",
+    "Transforms",
     "format_tree",
     "from_dict",
     "from_json",

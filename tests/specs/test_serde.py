@@ -88,6 +88,12 @@ LEAF_SPECS = [
     specs.SmoothL1Loss,
     specs.L1Loss,
     specs.GIoULoss,
+    specs.ShapesData,
+    specs.CocoData,
+    specs.Transforms,
+    specs.SGD,
+    specs.AdamW,
+    specs.Schedule,
 ]
 
 

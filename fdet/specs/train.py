@@ -1,0 +1,99 @@
+"""Training specs: optimizers, schedules, and the experiment root."""
+
+from typing import Literal
+
+import attrs
+
+from fdet.specs._core import Spec, SpecError, each, float_tuple, non_negative, positive, probability
+from fdet.specs.data import CocoData, ShapesData, Transforms
+from fdet.specs.detectors import RetinaNet
+
+
+@attrs.frozen(kw_only=True)
+class SGD(Spec):
+    """SGD with momentum; ``lr`` is the peak learning rate (after warm-up)."""
+
+    lr: float = attrs.field(default=0.01, validator=positive)
+    momentum: float = attrs.field(default=0.9, validator=probability)
+    weight_decay: float = attrs.field(default=1e-4, validator=non_negative)
+    nesterov: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class AdamW(Spec):
+    """AdamW; ``lr`` is the peak learning rate (after warm-up)."""
+
+    lr: float = attrs.field(default=1e-4, validator=positive)
+    betas: tuple[float, ...] = attrs.field(default=(0.9, 0.999), converter=float_tuple)
+    weight_decay: float = attrs.field(default=0.05, validator=non_negative)
+    eps: float = attrs.field(default=1e-8, validator=positive)
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SpecError(f"must be two values in [0, 1), got {self.betas}", "betas")
+
+
+@attrs.frozen(kw_only=True)
+class Schedule(Spec):
+    """Learning rate over iterations: a warm-up, then a decay.
+
+    Warm-up: ``warmup_iters`` iterations from ``warmup_factor × lr`` to ``lr``, linearly
+    (``warmup="linear"``) or at the constant ``warmup_factor × lr`` (``"constant"``).
+    Decay: ``"step"`` multiplies by ``gamma`` at each fraction of training in ``milestones``;
+    ``"cosine"`` anneals to ``min_factor × lr``; ``"flat"`` keeps ``lr``.
+    """
+
+    kind: Literal["step", "cosine", "flat"] = attrs.field(default="step")
+    warmup: Literal["linear", "constant", "none"] = attrs.field(default="linear")
+    warmup_iters: int = attrs.field(default=500, validator=non_negative)
+    warmup_factor: float = attrs.field(default=0.001, validator=probability)
+    milestones: tuple[float, ...] = attrs.field(
+        default=(8 / 12, 11 / 12), converter=float_tuple, validator=each(probability)
+    )
+    gamma: float = attrs.field(default=0.1, validator=positive)
+    min_factor: float = attrs.field(default=0.0, validator=probability)
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in ("step", "cosine", "flat"):
+            raise SpecError(f"must be 'step', 'cosine' or 'flat'; got {self.kind!r}", "kind")
+        if self.warmup not in ("linear", "constant", "none"):
+            raise SpecError(
+                f"must be 'linear', 'constant' or 'none'; got {self.warmup!r}", "warmup"
+            )
+        if list(self.milestones) != sorted(self.milestones):
+            raise SpecError(f"must be increasing, got {self.milestones}", "milestones")
+
+
+@attrs.frozen(kw_only=True)
+class Experiment(Spec):
+    """A whole training run: the model, its data, and how to train it.
+
+    ``iterations`` optimizer steps of ``batch_size`` images; validation (COCO AP) every
+    ``eval_interval`` iterations (0: only at the end) on at most ``eval_images`` images
+    (0: all); a checkpoint every ``checkpoint_interval`` iterations and at the end.
+    """
+
+    model: RetinaNet
+    data: ShapesData | CocoData = ShapesData()
+    train_transforms: Transforms = Transforms(hflip_prob=0.5)
+    val_transforms: Transforms = Transforms()
+    optimizer: SGD | AdamW = SGD()
+    schedule: Schedule = Schedule()
+    batch_size: int = attrs.field(default=16, validator=positive)
+    iterations: int = attrs.field(default=90_000, validator=positive)
+    eval_interval: int = attrs.field(default=0, validator=non_negative)
+    eval_images: int = attrs.field(default=0, validator=non_negative)
+    checkpoint_interval: int = attrs.field(default=5000, validator=positive)
+    log_interval: int = attrs.field(default=20, validator=positive)
+    grad_clip_norm: float | None = attrs.field(default=None)
+    seed: int = 0
+    num_workers: int = attrs.field(default=2, validator=non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise SpecError(f"must be > 0 or null, got {self.grad_clip_norm}", "grad_clip_norm")
+        if self.schedule.warmup_iters > self.iterations:
+            raise SpecError(
+                f"({self.schedule.warmup_iters}) must not exceed iterations ({self.iterations})",
+                "schedule.warmup_iters",
+            )
