@@ -25,6 +25,7 @@ from torch import Tensor
 from fdet.ops.boxes import ImageSize, clip_boxes
 
 __all__ = [
+    "DEFAULT_SCALE_CLIP",
     "decode_deltas",
     "decode_distances",
     "encode_deltas",
