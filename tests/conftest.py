@@ -1,9 +1,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import torch
-from hypothesis import HealthCheck, settings
+# One inductor cache per xdist worker: concurrent compiles never share cache files.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"fdet-inductor-{_worker}")
+)
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Hypothesis: a modest, deterministic budget by default; `HYPOTHESIS_PROFILE=thorough` for more.
 settings.register_profile(
