@@ -1,0 +1,19 @@
+"""Evaluation: COCO results and metrics, and the loop that runs a detector over a loader."""
+
+from fdet.eval.coco import (
+    STAT_NAMES,
+    CocoMetrics,
+    detections_to_coco,
+    evaluate_coco,
+    format_table,
+)
+from fdet.eval.evaluate import evaluate_model
+
+__all__ = [
+    "STAT_NAMES",
+    "CocoMetrics",
+    "detections_to_coco",
+    "evaluate_coco",
+    "evaluate_model",
+    "format_table",
+]
