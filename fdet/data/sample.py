@@ -53,7 +53,7 @@ class Batch(NamedTuple):
         """The same batch with every tensor on ``device``."""
         return Batch(
             *(
-                t.to(device, non_blocking=non_blocking) if isinstance(t, Tensor) else t  # type: ignore[call-overload]
+                t.to(device, non_blocking=non_blocking) if isinstance(t, Tensor) else t  # type: ignore[call-overload,arg-type]
                 for t in self
             )
         )

@@ -4,7 +4,7 @@ from typing import Literal
 
 import attrs
 
-from fdet.specs._core import Spec, SpecError, non_negative, positive, probability
+from fdet.specs._core import Spec, SpecError, int_tuple, non_negative, positive, probability
 
 
 @attrs.frozen(kw_only=True)
@@ -67,7 +67,7 @@ class Transforms(Spec):
     area are dropped. Batches are padded to a multiple of ``pad_divisor``.
     """
 
-    min_size: tuple[int, ...] = attrs.field(default=(800,), converter=tuple)
+    min_size: tuple[int, ...] = attrs.field(default=(800,), converter=int_tuple)
     max_size: int = attrs.field(default=1333, validator=positive)
     hflip_prob: float = attrs.field(default=0.0, validator=probability)
     brightness: float = attrs.field(default=0.0, validator=non_negative)
