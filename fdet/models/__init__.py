@@ -2,14 +2,17 @@
 
 from fdet.models import backbones, detectors, heads, necks
 from fdet.models.backbones import ResNet
-from fdet.models.detectors import SingleStageDetector
-from fdet.models.heads import RetinaHead
+from fdet.models.detectors import RetinaNet, RetinaNetLoss, SingleStageDetector
+from fdet.models.heads import RetinaHead, RetinaHeadOutputs
 from fdet.models.necks import FPN
 
 __all__ = [
     "FPN",
     "ResNet",
     "RetinaHead",
+    "RetinaHeadOutputs",
+    "RetinaNet",
+    "RetinaNetLoss",
     "SingleStageDetector",
     "backbones",
     "detectors",

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
+import pytest
 import torch
+import torchvision
 
 from fdet import build, specs
-from fdet.models import SingleStageDetector
+from fdet.models import RetinaNet, SingleStageDetector
+from fdet.models.detectors.retinanet import retinanet_anchors
 from fdet.ops.anchors import anchor_offsets, grid_anchors, level_sizes
+from fdet.ops.postprocess import Detections
+
+_BN_STATS = {"running_mean", "running_var", "num_batches_tracked"}
+ZOO = Path(__file__).resolve().parents[2] / "specs/retinanet"
 
 
 def tiny_spec(num_classes: int = 3) -> specs.RetinaNet:
@@ -22,7 +30,7 @@ def tiny_spec(num_classes: int = 3) -> specs.RetinaNet:
 def test_outputs_line_up_with_anchors() -> None:
     spec = tiny_spec()
     model = build(spec).eval()
-    assert isinstance(model, SingleStageDetector)
+    assert isinstance(model, SingleStageDetector) and isinstance(model, RetinaNet)
     images = torch.rand(2, 3, 96, 128) * 255
     out = model(images)
     a = spec.anchors
@@ -65,17 +73,115 @@ def test_images_must_be_rgb_batches() -> None:
         raise AssertionError("a 3-d input must be rejected")
 
 
-def test_parameter_count_matches_torchvision_retinanet() -> None:
-    import attrs
-    import torchvision
-
-    spec = specs.load(Path(__file__).resolve().parents[2] / "specs/retinanet/r50_fpn_1x_coco.py")
+@pytest.mark.parametrize(
+    ("zoo_file", "ctor"),
+    [
+        ("r50_fpn_1x_coco.py", torchvision.models.detection.retinanet_resnet50_fpn),
+        ("r50_fpn_v2_coco.py", torchvision.models.detection.retinanet_resnet50_fpn_v2),
+    ],
+)
+def test_parameter_count_matches_torchvision_retinanet(zoo_file, ctor) -> None:
+    spec = specs.load(ZOO / zoo_file)
     # torchvision's untrained model uses trainable batch norm (its affine terms are parameters)
     spec = attrs.evolve(spec, backbone=attrs.evolve(spec.backbone, norm="bn"))
     with torch.device("meta"):
         ours = build(spec)
-        theirs = torchvision.models.detection.retinanet_resnet50_fpn(
-            weights=None, weights_backbone=None, num_classes=80
-        )
+        theirs = ctor(weights=None, weights_backbone=None, num_classes=80)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) == count(theirs)
+
+
+def test_module_keeps_the_spec_settings_and_no_state_but_parameters() -> None:
+    spec = attrs.evolve(
+        tiny_spec(),
+        box_loss=specs.GIoULoss(weight=2.0),
+        postprocess=specs.DensePostprocess(max_detections=7),
+    )
+    model = build(spec)
+    assert model.box_loss_spec == spec.box_loss and model.postprocess_spec == spec.postprocess
+    assert model.anchor_spec == spec.anchors and model.assigner_spec == spec.assigner
+    # the state dict is the parameters and the batch-norm statistics, nothing derived
+    stats = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in _BN_STATS}
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()} | stats
+
+
+def test_head_must_match_the_anchors() -> None:
+    model = build(tiny_spec())
+    with pytest.raises(ValueError, match="anchors a location"):
+        RetinaNet(
+            backbone=model.backbone,
+            neck=model.neck,
+            head=model.head,
+            anchors=specs.Anchors(ratios=(1.0,)),
+        )
+
+
+def test_predict_returns_padded_detections_and_restores_the_mode() -> None:
+    torch.manual_seed(0)
+    spec = attrs.evolve(
+        tiny_spec(), postprocess=specs.DensePostprocess(score_threshold=0.0, max_detections=50)
+    )
+    model = build(spec).train()
+    images = torch.rand(2, 3, 64, 96) * 255
+    sizes = torch.tensor([[64, 96], [40, 50]])
+    dets = model.predict(images, sizes)
+    assert model.training  # restored
+    assert isinstance(dets, Detections)
+    assert dets.boxes.shape == (2, 50, 4) and dets.valid.shape == (2, 50)
+    assert dets.valid.all()  # threshold 0: every candidate scores above it
+    assert not dets.boxes.requires_grad
+    # clipped to each image's own size; scores sorted
+    assert (dets.boxes[1, :, 0::2] <= 50).all() and (dets.boxes[1, :, 1::2] <= 40).all()
+    assert (dets.scores[:, :-1] >= dets.scores[:, 1:]).all()
+    # the default size is the padded one
+    default = model.predict(images)
+    model.eval()
+    with torch.no_grad():
+        again = model.postprocess(model(images), torch.tensor([[64, 96], [64, 96]]))
+    for a, b in zip(default, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_anchors_follow_the_spec_and_the_outputs() -> None:
+    spec = tiny_spec()
+    model = build(spec).eval()
+    out = model(torch.zeros(1, 3, 64, 64))
+    anchors = model.anchors_for(out)
+    assert anchors.shape == (sum(x.shape[1] for x in out.cls_logits), 4)
+    torch.testing.assert_close(
+        anchors, retinanet_anchors(out.feature_sizes, spec=spec.anchors), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="anchor levels"):
+        retinanet_anchors(out.feature_sizes[:2], spec=spec.anchors)
+
+
+def test_min_box_size_drops_small_boxes_before_nms() -> None:
+    torch.manual_seed(0)
+    base = attrs.evolve(
+        tiny_spec(), postprocess=specs.DensePostprocess(score_threshold=0.0, max_detections=400)
+    )
+    model = build(base).eval()
+    images = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        out = model(images)
+    sizes = torch.tensor([[64, 64]])
+    plain = model.postprocess(out, sizes)
+    wh = plain.boxes[..., 2:] - plain.boxes[..., :2]
+    min_size = float(wh.amin(-1)[plain.valid].median())  # some boxes on each side of it
+    model.postprocess_spec = attrs.evolve(base.postprocess, min_box_size=min_size)
+    filtered = model.postprocess(out, sizes)
+    kept_wh = filtered.boxes[..., 2:] - filtered.boxes[..., :2]
+    assert filtered.valid.any()
+    assert (kept_wh[filtered.valid] >= min_size).all()
+    # the survivors of the plain run that are large enough are all kept
+    large = plain.valid & (wh >= min_size).all(-1)
+    assert filtered.valid.sum() >= large.sum()
+    # a tiny size drops exactly the empty boxes (clipped away at the border), which overlap
+    # nothing and so never suppressed anything
+    model.postprocess_spec = attrs.evolve(base.postprocess, min_box_size=1e-6)
+    tiny = model.postprocess(out, sizes)
+    nonempty = plain.valid & (wh > 0).all(-1)
+    assert 0 < nonempty.sum() < plain.valid.sum()
+    assert tiny.valid.sum() == nonempty.sum()
+    for a, b in zip(tiny, plain):
+        torch.testing.assert_close(a[tiny.valid], b[nonempty], rtol=0, atol=0)

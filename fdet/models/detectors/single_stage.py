@@ -9,8 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from fdet import specs
-from fdet.registry import build, register
+__all__ = ["SingleStageDetector"]
 
 
 class SingleStageDetector(nn.Module):
@@ -18,11 +17,12 @@ class SingleStageDetector(nn.Module):
     runs ``head(neck(backbone(x)))`` and returns the head's outputs unchanged.
 
     The module holds parameters only; anchors, assignment, losses and postprocessing are pure
-    functions applied to its outputs.
+    functions applied to its outputs (see :class:`fdet.models.detectors.retinanet.RetinaNet` for
+    a detector that wires them up as methods).
     """
 
-    input_scale: Tensor
-    input_shift: Tensor
+    input_mean: Tensor
+    input_std: Tensor
 
     def __init__(
         self,
@@ -38,33 +38,24 @@ class SingleStageDetector(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.head = head
-        # scale and shift folded into one multiply-add: (x / range - mean) / std
-        scale = 1.0 / (torch.tensor(std, dtype=torch.float32) * input_range)
-        shift = -torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
-        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.input_range = float(input_range)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("input_mean", mean_t, persistent=False)
+        self.register_buffer("input_std", std_t, persistent=False)
 
     def normalize(self, images: Float[Tensor, "B 3 H W"]) -> Float[Tensor, "B 3 H W"]:
-        return images.to(self.input_scale.dtype) * self.input_scale + self.input_shift
+        """``(images / input_range - mean) / std`` in float32 (the buffers' dtype).
+
+        Written out rather than folded into one multiply-add, so that float images in ``[0, 1]``
+        are normalized bit for bit as torchvision's ``GeneralizedRCNNTransform`` does.
+        """
+        x = images.to(self.input_mean.dtype)
+        if self.input_range != 1.0:
+            x = x / self.input_range
+        return (x - self.input_mean) / self.input_std
 
     def forward(self, images: Float[Tensor, "B 3 H W"]) -> Any:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         return self.head(self.neck(self.backbone(self.normalize(images))))
-
-
-@register(specs.RetinaNet)
-def build_retinanet(spec: specs.RetinaNet) -> SingleStageDetector:
-    backbone = build(spec.backbone)
-    neck = build(
-        spec.neck, in_channels=spec.backbone.out_channels, input_levels=spec.backbone.out_levels
-    )
-    head = build(spec.head, in_channels=spec.neck.channels, num_anchors=spec.anchors.per_location)
-    return SingleStageDetector(
-        backbone=backbone,
-        neck=neck,
-        head=head,
-        mean=spec.normalize.mean,
-        std=spec.normalize.std,
-        input_range=spec.normalize.input_range,
-    )

@@ -25,10 +25,14 @@ class RetinaHeadOutputs(NamedTuple):
 def _tower(
     in_channels: int, channels: int, num_convs: int, norm: str, groups: int
 ) -> nn.Sequential:
+    """``num_convs`` blocks ``conv 3×3 [→ GroupNorm] → ReLU``; a conv followed by a norm has no
+    bias (the norm's shift takes its place), as in torchvision's v2 head."""
     layers: list[nn.Module] = []
     for i in range(num_convs):
         block: list[nn.Module] = [
-            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)
+            nn.Conv2d(
+                in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm == "none"
+            )
         ]
         if norm == "gn":
             block.append(nn.GroupNorm(groups, channels))
@@ -39,7 +43,13 @@ def _tower(
 
 class RetinaHead(nn.Module):
     """Two towers of ``num_convs`` 3×3 convs, then a 3×3 predictor each:
-    ``num_anchors × num_classes`` logits and ``num_anchors × 4`` box deltas a location."""
+    ``num_anchors × num_classes`` logits and ``num_anchors × 4`` box deltas a location.
+
+    Parameters: ``cls_tower.{i}.0`` / ``box_tower.{i}.0`` (the convs, bias-free with
+    ``norm="gn"``), ``cls_tower.{i}.1`` / ``box_tower.{i}.1`` (their group norms), ``cls_logits``
+    and ``box_deltas`` (the predictors). ``fdet.compat.torchvision`` maps torchvision's
+    ``RetinaNetHead`` names onto these.
+    """
 
     def __init__(
         self,
@@ -66,7 +76,8 @@ class RetinaHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)  # type: ignore[arg-type]
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))  # type: ignore[arg-type]
 
     def _flatten(self, x: Tensor, per_anchor: int) -> Tensor:
