@@ -18,14 +18,87 @@ def _cmd_spec(args: argparse.Namespace) -> int:
     if args.build:
         import torch
 
+        model_spec = spec.model if isinstance(spec, specs.Experiment) else spec
         with torch.device("meta"):
-            module = build(spec)
+            module = build(model_spec)
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(
             f"built {type(module).__name__}: {total:,} parameters, {trainable:,} trainable",
             file=sys.stderr if args.json else sys.stdout,
         )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fdet import specs
+    from fdet.train import train
+
+    exp = specs.load(args.spec, specs.Experiment, name=args.name)
+    out = args.out or _default_out(args.spec)
+    print(f"fdet train: {args.spec} -> {out}", file=sys.stderr)
+    train(exp, out, device=args.device, progress=not args.no_progress)
+    print(f"fdet train: done; run folder {out}", file=sys.stderr)
+    return 0
+
+
+def _default_out(spec_path: str) -> str:
+    from pathlib import Path
+
+    return str(Path("runs") / Path(spec_path).stem)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fdet.data.coco import CocoDataset
+    from fdet.data.loader import make_loader
+    from fdet.data.transforms import build_transform
+    from fdet.eval.coco import format_table
+    from fdet.eval.evaluate import evaluate_model
+    from fdet.train import load_run
+    from fdet.train.engine import make_datasets
+
+    exp, model = load_run(args.run, device=args.device)
+    if args.images or args.annotations:
+        if not (args.images and args.annotations):
+            raise SystemExit("fdet eval: error: --images and --annotations go together")
+        dataset = CocoDataset(
+            args.images,
+            args.annotations,
+            transform=build_transform(exp.val_transforms, train=False),
+        )
+    else:
+        dataset = make_datasets(exp).val
+    loader = make_loader(
+        dataset,
+        batch_size=args.batch_size or exp.batch_size,
+        shuffle=False,
+        seed=exp.seed,
+        num_workers=exp.num_workers,
+        pad_divisor=exp.val_transforms.pad_divisor,
+        drop_last=False,
+    )
+    metrics, results = evaluate_model(
+        model, loader, dataset, max_images=args.max_images, backend=args.backend, device=args.device
+    )
+    print(format_table(metrics))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"bbox": metrics.to_dict()}, indent=2) + "\n")
+    if args.results:
+        Path(args.results).write_text(json.dumps(results))
+    return 0
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> int:
+    from fdet.data.shapes import generate
+
+    paths = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    print(f"fdet data shapes: wrote {args.train} train and {args.val} val images under {args.out}")
+    del paths
     return 0
 
 
@@ -44,17 +117,49 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
     p.add_argument("--build", action="store_true", help="also build it and count parameters")
     p.set_defaults(func=_cmd_spec)
+
+    p = sub.add_parser("train", help="train an experiment spec")
+    p.add_argument("spec", help="an experiment spec file (.py or .json)")
+    p.add_argument("--out", help="the run folder (default: runs/<spec name>)")
+    p.add_argument("--name", help="the constant to take from a .py file (default: EXPERIMENT)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="COCO evaluation of a trained run or checkpoint")
+    p.add_argument("run", help="a run folder (uses checkpoints/last.pt) or a checkpoint file")
+    p.add_argument("--images", help="image folder of another COCO-format data set")
+    p.add_argument("--annotations", help="its annotation file")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--backend", choices=("faster", "pycocotools"), default="faster")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--results", help="write the COCO-format detections as JSON here")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="data set tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("shapes", help="write the synthetic shapes set (PNG + COCO JSON)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--train", type=int, default=2000, help="training images")
+    q.add_argument("--val", type=int, default=200, help="validation images")
+    q.add_argument("--size", type=int, default=128, help="image side in pixels")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_data_shapes)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    from fdet.data.coco import DataError
     from fdet.specs import SpecError
+    from fdet.train.engine import TrainingError
 
     try:
         return int(args.func(args))
-    except (SpecError, FileNotFoundError) as e:
+    except (SpecError, DataError, TrainingError, FileNotFoundError) as e:
         print(f"fdet {args.command}: error: {e}", file=sys.stderr)
         return 2
 
