@@ -1,0 +1,88 @@
+"""Schedules (hand-computed cases), optimizer groups and atomic checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdet import specs
+from fdet.train.checkpoint import atomic_save, load_checkpoint
+from fdet.train.optim import build_optimizer, parameter_groups
+from fdet.train.schedule import lr_factor
+
+
+def test_linear_warmup_then_steps() -> None:
+    s = specs.Schedule(
+        kind="step", warmup="linear", warmup_iters=10, warmup_factor=0.1, milestones=(0.5, 0.75)
+    )
+    assert lr_factor(s, 0, 100) == pytest.approx(0.1)
+    assert lr_factor(s, 5, 100) == pytest.approx(0.55)
+    assert lr_factor(s, 10, 100) == 1.0
+    assert lr_factor(s, 49, 100) == 1.0
+    assert lr_factor(s, 50, 100) == pytest.approx(0.1)
+    assert lr_factor(s, 75, 100) == pytest.approx(0.01)
+    assert lr_factor(s, 99, 100) == pytest.approx(0.01)
+
+
+def test_cosine_and_constant_warmup() -> None:
+    s = specs.Schedule(
+        kind="cosine", warmup="constant", warmup_iters=4, warmup_factor=0.5, min_factor=0.1
+    )
+    assert lr_factor(s, 0, 100) == pytest.approx(0.5 * 1.0)
+    assert lr_factor(s, 3, 100) == pytest.approx(
+        0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(0.03 * math.pi)))
+    )
+    assert lr_factor(s, 50, 100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(s, 100, 100) == pytest.approx(0.1)
+    flat = specs.Schedule(kind="flat", warmup="none")
+    assert lr_factor(flat, 0, 10) == lr_factor(flat, 9, 10) == 1.0
+
+
+def test_no_weight_decay_on_norms_and_biases() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3, 3, 3])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    opt = build_optimizer(specs.AdamW(lr=0.01, weight_decay=0.1), model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_atomic_save_round_trip(tmp_path: Path) -> None:
+    path = atomic_save({"model": {"w": torch.ones(2)}, "spec": "{}"}, tmp_path / "c" / "last.pt")
+    data = load_checkpoint(path)
+    assert torch.equal(data["model"]["w"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_interrupted_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = atomic_save({"model": {"w": torch.zeros(2)}, "spec": "{}"}, tmp_path / "last.pt")
+
+    def broken_save(obj: object, f: object) -> None:
+        f.write(b"partial bytes")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"model": {"w": torch.ones(2)}, "spec": "{}"}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_unreadable_checkpoints_say_what(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"bad\.pt: not a readable fdet checkpoint"):
+        load_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(1)}, other)
+    with pytest.raises(ValueError, match="not an fdet checkpoint"):
+        load_checkpoint(other)
