@@ -27,3 +27,33 @@ MODEL = specs.RetinaNet(
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_range=255.0
     ),
 )
+
+# The 1x schedule: 90k iterations of 16 images (12 COCO epochs), steps at epochs 8 and 11.
+# Expects COCO 2017 under data/coco (the standard layout); point the paths elsewhere with
+# attrs.evolve or `fdet train --set` style overrides.
+EXPERIMENT = specs.Experiment(
+    model=MODEL,
+    data=specs.CocoData(
+        train_images="data/coco/train2017",
+        train_annotations="data/coco/annotations/instances_train2017.json",
+        val_images="data/coco/val2017",
+        val_annotations="data/coco/annotations/instances_val2017.json",
+    ),
+    train_transforms=specs.Transforms(min_size=(800,), max_size=1333, hflip_prob=0.5),
+    val_transforms=specs.Transforms(min_size=(800,), max_size=1333),
+    optimizer=specs.SGD(lr=0.01, momentum=0.9, weight_decay=1e-4),
+    schedule=specs.Schedule(
+        kind="step",
+        warmup="linear",
+        warmup_iters=500,
+        warmup_factor=0.001,
+        milestones=(8 / 12, 11 / 12),
+        gamma=0.1,
+    ),
+    batch_size=16,
+    iterations=90_000,
+    eval_interval=10_000,
+    checkpoint_interval=5_000,
+    grad_clip_norm=None,
+    num_workers=4,
+)

@@ -18,3 +18,5 @@ MODEL = attrs.evolve(
     head=attrs.evolve(BASE.MODEL.head, norm="gn", gn_groups=32),
     box_loss=specs.GIoULoss(),
 )
+
+EXPERIMENT = attrs.evolve(BASE.EXPERIMENT, model=MODEL)
