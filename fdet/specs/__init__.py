@@ -15,9 +15,10 @@ from fdet.specs.loading import load, load_module
 from fdet.specs.losses import GIoULoss, L1Loss, SigmoidFocalLoss, SmoothL1Loss
 from fdet.specs.necks import FPN
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
-from fdet.specs.train import SGD, AdamW, Experiment, Schedule
+from fdet.specs.train import EMA, SGD, AdamW, Experiment, ParamGroups, Schedule
 
 __all__ = [
+    "EMA",
     "FPN",
     "SCHEMA_VERSION",
     "SGD",
@@ -31,6 +32,7 @@ __all__ = [
     "L1Loss",
     "MaxIoUAssigner",
     "Normalize",
+    "ParamGroups",
     "ResNet",
     "RetinaHead",
     "RetinaNet",

@@ -4,9 +4,28 @@ from typing import Literal
 
 import attrs
 
-from fdet.specs._core import Spec, SpecError, each, float_tuple, non_negative, positive, probability
+from fdet.specs._core import (
+    Spec,
+    SpecError,
+    each,
+    float_tuple,
+    non_negative,
+    one_of,
+    positive,
+    probability,
+)
 from fdet.specs.data import CocoData, ShapesData, Transforms
 from fdet.specs.detectors import RetinaNet
+
+
+@attrs.frozen(kw_only=True)
+class ParamGroups(Spec):
+    """Per-parameter options: weight decay on norm parameters and biases (off by default), and
+    a learning-rate multiplier for the backbone (e.g. 0.1 when fine-tuning)."""
+
+    norm_decay: bool = False
+    bias_decay: bool = False
+    backbone_lr_mult: float = attrs.field(default=1.0, validator=non_negative)
 
 
 @attrs.frozen(kw_only=True)
@@ -40,10 +59,11 @@ class Schedule(Spec):
     Warm-up: ``warmup_iters`` iterations from ``warmup_factor × lr`` to ``lr``, linearly
     (``warmup="linear"``) or at the constant ``warmup_factor × lr`` (``"constant"``).
     Decay: ``"step"`` multiplies by ``gamma`` at each fraction of training in ``milestones``;
-    ``"cosine"`` anneals to ``min_factor × lr``; ``"flat"`` keeps ``lr``.
+    ``"cosine"`` anneals to ``min_factor × lr``; ``"poly"`` decays as
+    ``(1 - progress) ** power`` down to ``min_factor``; ``"flat"`` keeps ``lr``.
     """
 
-    kind: Literal["step", "cosine", "flat"] = attrs.field(default="step")
+    kind: Literal["step", "cosine", "poly", "flat"] = attrs.field(default="step")
     warmup: Literal["linear", "constant", "none"] = attrs.field(default="linear")
     warmup_iters: int = attrs.field(default=500, validator=non_negative)
     warmup_factor: float = attrs.field(default=0.001, validator=probability)
@@ -52,10 +72,13 @@ class Schedule(Spec):
     )
     gamma: float = attrs.field(default=0.1, validator=positive)
     min_factor: float = attrs.field(default=0.0, validator=probability)
+    power: float = attrs.field(default=1.0, validator=positive)
 
     def __attrs_post_init__(self) -> None:
-        if self.kind not in ("step", "cosine", "flat"):
-            raise SpecError(f"must be 'step', 'cosine' or 'flat'; got {self.kind!r}", "kind")
+        if self.kind not in ("step", "cosine", "poly", "flat"):
+            raise SpecError(
+                f"must be 'step', 'cosine', 'poly' or 'flat'; got {self.kind!r}", "kind"
+            )
         if self.warmup not in ("linear", "constant", "none"):
             raise SpecError(
                 f"must be 'linear', 'constant' or 'none'; got {self.warmup!r}", "warmup"
@@ -65,12 +88,32 @@ class Schedule(Spec):
 
 
 @attrs.frozen(kw_only=True)
+class EMA(Spec):
+    """An exponential moving average of the weights (and buffers), evaluated beside the raw
+    weights. The decay warms up as ``decay × (1 - exp(-updates / warmup_updates))`` so early,
+    poor weights fade quickly (0 disables the warm-up)."""
+
+    decay: float = attrs.field(default=0.9998, validator=probability)
+    warmup_updates: int = attrs.field(default=2000, validator=non_negative)
+
+
+@attrs.frozen(kw_only=True)
 class Experiment(Spec):
     """A whole training run: the model, its data, and how to train it.
 
-    ``iterations`` optimizer steps of ``batch_size`` images; validation (COCO AP) every
-    ``eval_interval`` iterations (0: only at the end) on at most ``eval_images`` images
-    (0: all); a checkpoint every ``checkpoint_interval`` iterations and at the end.
+    ``iterations`` optimizer steps of ``batch_size`` images a process, accumulated over
+    ``accumulate`` micro-batches of ``batch_size / accumulate``; validation (COCO AP and loss)
+    every ``eval_interval`` iterations (0: only at the end) on at most ``eval_images`` images
+    (0: all); a checkpoint every ``checkpoint_interval`` iterations and at the end, keeping the
+    last ``keep_checkpoints`` and the best by validation AP.
+
+    ``precision``: ``fp32``, ``bf16`` autocast (CPU or CUDA) or ``fp16`` autocast with a gradient
+    scaler (CUDA only); losses and box coding stay in float32. ``base_batch_size``: when set, the
+    learning rate is scaled by (total batch over all processes) / ``base_batch_size``.
+    ``compile``: ``"objective"`` compiles the loss and the postprocess (cheap, and what pays on
+    CPU), ``"model"`` also the network, ``"none"`` nothing. ``deterministic``: deterministic
+    algorithms, for bit-identical resumes. ``early_stopping``: stop after that many evaluations
+    without a better AP (0: never).
     """
 
     model: RetinaNet
@@ -88,8 +131,28 @@ class Experiment(Spec):
     grad_clip_norm: float | None = attrs.field(default=None)
     seed: int = 0
     num_workers: int = attrs.field(default=2, validator=non_negative)
+    param_groups: ParamGroups = ParamGroups()
+    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(
+        default="fp32", validator=one_of("fp32", "bf16", "fp16")
+    )
+    accumulate: int = attrs.field(default=1, validator=positive)
+    ema: EMA | None = None
+    base_batch_size: int | None = None
+    keep_checkpoints: int = attrs.field(default=2, validator=positive)
+    compile: Literal["none", "objective", "model"] = attrs.field(
+        default="none", validator=one_of("none", "objective", "model")
+    )
+    deterministic: bool = False
+    sync_batch_norm: bool = False
+    early_stopping: int = attrs.field(default=0, validator=non_negative)
 
     def __attrs_post_init__(self) -> None:
+        if self.batch_size % self.accumulate:
+            raise SpecError(
+                f"({self.accumulate}) must divide batch_size ({self.batch_size})", "accumulate"
+            )
+        if self.base_batch_size is not None and self.base_batch_size <= 0:
+            raise SpecError(f"must be > 0 or null, got {self.base_batch_size}", "base_batch_size")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise SpecError(f"must be > 0 or null, got {self.grad_clip_norm}", "grad_clip_norm")
         if self.schedule.warmup_iters > self.iterations:

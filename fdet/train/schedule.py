@@ -24,6 +24,9 @@ def lr_factor(schedule: specs.Schedule, iteration: int, total: int) -> float:
         decay = schedule.min_factor + (1 - schedule.min_factor) * 0.5 * (
             1 + math.cos(math.pi * progress)
         )
+    elif schedule.kind == "poly":
+        progress = it / total
+        decay = schedule.min_factor + (1 - schedule.min_factor) * (1 - progress) ** schedule.power
     else:
         decay = 1.0
     if schedule.warmup != "none" and it < schedule.warmup_iters:

@@ -94,6 +94,8 @@ LEAF_SPECS = [
     specs.SGD,
     specs.AdamW,
     specs.Schedule,
+    specs.EMA,
+    specs.ParamGroups,
 ]
 
 
