@@ -31,13 +31,40 @@ def _cmd_spec(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import attrs
+
     from fdet import specs
     from fdet.train import train
+    from fdet.train.engine import dry_run
 
-    exp = specs.load(args.spec, specs.Experiment, name=args.name)
-    out = args.out or _default_out(args.spec)
-    print(f"fdet train: {args.spec} -> {out}", file=sys.stderr)
-    train(exp, out, device=args.device, progress=not args.no_progress)
+    if args.resume:
+        if args.spec or args.set:
+            raise SystemExit(
+                "fdet train: error: --resume continues a run with its saved spec; "
+                "give no spec file and no --set"
+            )
+        exp = specs.load(f"{args.resume}/spec.json", specs.Experiment)
+        out = args.resume
+    else:
+        if not args.spec:
+            raise SystemExit("fdet train: error: a spec file (or --resume RUN_DIR) is needed")
+        exp = specs.load(args.spec, specs.Experiment, name=args.name)
+        if args.set:
+            from fdet.train.overrides import apply_overrides
+
+            exp = apply_overrides(exp, args.set)
+        if args.compile:
+            exp = attrs.evolve(exp, compile="model")
+        out = args.out or _default_out(args.spec)
+    if args.dry_run:
+        dry_run(exp, sys.stdout)
+        return 0
+    print(f"fdet train: {args.resume or args.spec} -> {out}", file=sys.stderr)
+    result = train(
+        exp, out, device=args.device, progress=not args.no_progress, resume=bool(args.resume)
+    )
+    if result.interrupted:
+        return 130
     print(f"fdet train: done; run folder {out}", file=sys.stderr)
     return 0
 
@@ -119,7 +146,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_spec)
 
     p = sub.add_parser("train", help="train an experiment spec")
-    p.add_argument("spec", help="an experiment spec file (.py or .json)")
+    p.add_argument("spec", nargs="?", help="an experiment spec file (.py or .json)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override one spec field, e.g. --set optimizer.lr=0.02 (JSON values; repeatable)",
+    )
+    p.add_argument("--compile", action="store_true", help="also compile the network")
+    p.add_argument("--dry-run", action="store_true", help="print the spec, model and data; stop")
     p.add_argument("--out", help="the run folder (default: runs/<spec name>)")
     p.add_argument("--name", help="the constant to take from a .py file (default: EXPERIMENT)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")

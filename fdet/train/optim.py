@@ -10,25 +10,51 @@ from fdet import specs
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
-    """Two groups: weights that decay, and norm parameters and biases that do not."""
-    decay, no_decay = [], []
-    for module in model.modules():
+def parameter_groups(
+    model: nn.Module, *, weight_decay: float, options: specs.ParamGroups | None = None
+) -> list[dict]:
+    """Trainable parameters split by weight decay and learning-rate multiplier.
+
+    Norm parameters and biases get no weight decay unless ``options`` asks for it; parameters
+    under ``model.backbone`` get ``options.backbone_lr_mult`` times the learning rate (stored as
+    ``lr_mult`` in each group). Empty groups are left out.
+    """
+    options = options or specs.ParamGroups()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        in_backbone = module_name == "backbone" or module_name.startswith("backbone.")
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            if isinstance(module, _NORMS) or name == "bias":
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+            is_norm = isinstance(module, _NORMS)
+            is_bias = name == "bias"
+            decays = not (
+                (is_norm and not options.norm_decay) or (is_bias and not options.bias_decay)
+            )
+            groups.setdefault((decays, in_backbone), []).append(param)
+    out = []
+    for (decays, in_backbone), params in sorted(
+        groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])
+    ):
+        out.append(
+            {
+                "params": params,
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr_mult": options.backbone_lr_mult if in_backbone else 1.0,
+                "name": ("decay" if decays else "no_decay") + ("/backbone" if in_backbone else ""),
+            }
+        )
+    return out
 
 
-def build_optimizer(spec: specs.SGD | specs.AdamW, model: nn.Module) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, weight_decay=spec.weight_decay)
+def build_optimizer(
+    spec: specs.SGD | specs.AdamW, model: nn.Module, options: specs.ParamGroups | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer of ``spec`` over ``model``'s parameter groups; each group's ``lr`` is the
+    spec's peak rate times its ``lr_mult``."""
+    groups = parameter_groups(model, weight_decay=spec.weight_decay, options=options)
+    for g in groups:
+        g["lr"] = spec.lr * g["lr_mult"]
     if isinstance(spec, specs.SGD):
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
     beta1, beta2 = spec.betas

@@ -56,7 +56,11 @@ def test_train_then_eval_from_the_command_line(
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["bbox"]) >= {"AP", "AP50", "AP75", "APs", "AR100", "per_class_ap"}
     assert (run / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run / "checkpoints" / "last.pt").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best.pt",
+        "iter_00000003.pt",
+        "iter_00000006.pt",
+    ]
     err = capsys.readouterr().err
     assert "[6/6] loss" in err and "AP50" in err
 
@@ -99,8 +103,8 @@ def test_non_finite_loss_stops_training_with_a_clear_error(
 
     real = RetinaNet.loss
 
-    def nan_loss(self: RetinaNet, outputs: object, batch: object) -> object:
-        result = real(self, outputs, batch)
+    def nan_loss(self: RetinaNet, outputs: object, batch: object, **kw: object) -> object:
+        result = real(self, outputs, batch, **kw)  # type: ignore[arg-type]
         return result._replace(loss=result.loss * float("nan"))
 
     monkeypatch.setattr(RetinaNet, "loss", nan_loss)

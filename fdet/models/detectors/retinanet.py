@@ -403,10 +403,17 @@ class RetinaNet(SingleStageDetector):
             outputs.feature_sizes, spec=self.anchor_spec, device=outputs.cls_logits[0].device
         )
 
-    def loss(self, outputs: RetinaHeadOutputs, batch: Any) -> RetinaNetLoss:
+    def loss(
+        self,
+        outputs: RetinaHeadOutputs,
+        batch: Any,
+        *,
+        normalizer: Float[Tensor, ""] | None = None,
+    ) -> RetinaNetLoss:
         """:func:`retinanet_loss` of ``outputs`` against ``batch``'s ``gt_boxes``, ``gt_labels``,
         ``gt_valid`` and ``gt_crowd`` (any object with those attributes, e.g. a
-        :class:`fdet.data.Batch`; ``gt_crowd`` may be missing or None)."""
+        :class:`fdet.data.Batch`; ``gt_crowd`` may be missing or None). ``normalizer`` replaces
+        the batch's positive count (1 gives plain sums, for accumulation over micro-batches)."""
         return retinanet_loss(
             outputs,
             self.anchors_for(outputs),
@@ -418,6 +425,7 @@ class RetinaNet(SingleStageDetector):
             coder=self.coder_spec,
             cls_loss=self.cls_loss_spec,
             box_loss=self.box_loss_spec,
+            normalizer=normalizer,
         )
 
     def postprocess(
