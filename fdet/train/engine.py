@@ -348,6 +348,7 @@ class TrainResult:
     ema_metrics: Any = None
     interrupted: bool = False
     stopped_early: bool = False
+    model: Any = attrs.field(default=None, repr=False)  # the trained module (raw weights)
 
 
 def train(
@@ -571,7 +572,7 @@ def train(
                         file=stream,
                     )
                     logs.close()
-                    return TrainResult(out, done, last_path, None, interrupted=True)
+                    return TrainResult(out, done, last_path, None, interrupted=True, model=raw)
         bar.close()
 
         metrics = ema_metrics = None
@@ -595,7 +596,13 @@ def train(
             last_path = save()
         logs.close()
         return TrainResult(
-            out, state.iteration, last_path, metrics, ema_metrics, stopped_early=stopped_early
+            out,
+            state.iteration,
+            last_path,
+            metrics,
+            ema_metrics,
+            stopped_early=stopped_early,
+            model=raw,
         )
     finally:
         cleanup()
