@@ -89,6 +89,13 @@ def make_datasets(exp: specs.Experiment) -> DataSets:
     return DataSets(train=train, val=val)
 
 
+def max_objects(dataset: Any) -> int:
+    """The most annotations of any image of a COCO-format data set (at least 1): a fixed number
+    of ground-truth slots keeps batch shapes static, so compiled steps never recompile."""
+    per_image = getattr(dataset.coco, "imgToAnns", {})
+    return max([1, *(len(anns) for anns in per_image.values())])
+
+
 # --- reproducibility ----------------------------------------------------------------------------
 
 
@@ -415,6 +422,7 @@ def train(
             drop_last=True,
             rank=dist.rank,
             world_size=dist.world_size,
+            slots=max_objects(datasets.train),  # one gt-slot count: static shapes, no recompiles
         )
         raw = build(exp.model).to(dev)
         state = _State()
@@ -731,6 +739,7 @@ def _evaluate(
         rank=dist.rank,
         world_size=dist.world_size,
         pad_shards=False,
+        slots=max_objects(dataset),
     )
     was_training = model.training
     model.eval()
