@@ -63,6 +63,7 @@ def test_train_then_eval_from_the_command_line(
     ]
     err = capsys.readouterr().err
     assert "[6/6] loss" in err and "AP50" in err
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     out_json = tmp_path / "eval.json"
     assert main(["eval", str(run), "--out", str(out_json)]) == 0
