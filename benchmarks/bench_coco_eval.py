@@ -89,7 +89,10 @@ def main() -> None:
     parser.add_argument("--categories", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="100 images, 1 repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.repeats = min(args.images, 100), 1
 
     gt, results = synthetic(args.images, args.dets, args.gts, args.categories, args.seed)
     with contextlib.redirect_stdout(io.StringIO()):

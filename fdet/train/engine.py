@@ -490,7 +490,10 @@ def train(
 
                 with swapped_in(raw, ema):
                     ema_metrics = _evaluate(exp, raw, datasets.val, dist, dev)
-            record: dict[str, Any] = {"iteration": state.iteration}
+            record: dict[str, Any] = {
+                "iteration": state.iteration,
+                "elapsed_s": round(time.perf_counter() - start_time, 2),
+            }
             if metrics is not None:
                 record["eval"] = metrics
             if ema_metrics is not None:

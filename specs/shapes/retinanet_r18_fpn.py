@@ -42,7 +42,7 @@ EXPERIMENT = specs.Experiment(
     schedule=specs.Schedule(kind="cosine", warmup="linear", warmup_iters=200, warmup_factor=0.01),
     batch_size=16,
     iterations=3000,
-    eval_interval=1000,
+    eval_interval=500,
     eval_images=200,
     checkpoint_interval=500,
     log_interval=25,
