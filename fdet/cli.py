@@ -88,6 +88,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fdet.train.engine import make_datasets
 
     exp, model = load_run(args.run, device=args.device)
+    if args.data:
+        args.images, args.annotations = args.data
     if args.images or args.annotations:
         if not (args.images and args.annotations):
             raise SystemExit("fdet eval: error: --images and --annotations go together")
@@ -165,6 +167,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="COCO evaluation of a trained run or checkpoint")
     p.add_argument("run", help="a run folder (uses checkpoints/last.pt) or a checkpoint file")
+    p.add_argument(
+        "--data",
+        nargs=2,
+        metavar=("IMAGES_DIR", "ANNOTATIONS"),
+        help="evaluate on another COCO-format data set (image folder and annotation file)",
+    )
     p.add_argument("--images", help="image folder of another COCO-format data set")
     p.add_argument("--annotations", help="its annotation file")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")

@@ -75,6 +75,33 @@ def test_train_then_eval_from_the_command_line(
     exp, model = load_run(run)
     assert exp == specs.load(spec_file) and not model.training
 
+    # on another COCO-format set on disk, written by `fdet data shapes`
+    other = tmp_path / "other"
+    assert (
+        main(
+            [
+                "data",
+                "shapes",
+                "--out",
+                str(other),
+                "--train",
+                "2",
+                "--val",
+                "3",
+                "--size",
+                "64",
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert len(list((other / "val").glob("*.png"))) == 3
+    capsys.readouterr()
+    ann = other / "annotations" / "val.json"
+    assert main(["eval", str(run), "--data", str(other / "val"), str(ann)]) == 0
+    assert "COCO evaluation: 3 images" in capsys.readouterr().out
+
 
 def test_cli_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.json"
