@@ -594,7 +594,7 @@ def postprocess_breakdown(
         ("sigmoid + select_topk_per_level", select),
         ("gather + decode + clip", decode),
         (
-            f"nms_keep_mask (one kernel over {scores.numel()} boxes)",
+            f"nms_keep_mask ({scores.numel()} candidates, valid ones grouped by image and class)",
             lambda: nms_keep_mask(boxes, scores, labels, valid, iou_threshold=iou),
         ),
         (

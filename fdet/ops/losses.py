@@ -13,8 +13,9 @@ Classification losses compute in (at least) float32, also under autocast.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -36,6 +37,108 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _focal_parts(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``p = sigmoid(x)``, ``ce = BCE(x, t)`` and ``q = 1 - p_t``: three fresh tensors.
+
+    ``ce = relu(x) - x t + log(1 + exp(-|x|))``. ``log1p`` would be more precise where
+    ``exp(-|x|) < 1e-7`` (by less than ``1e-7`` absolute), but inductor's CPU code does not
+    vectorize it, and ``log`` is vectorized. ``q = p + t - 2 p t`` is exactly ``p`` for
+    ``t = 0``. Each full-size tensor is written in place once allocated: on CPU a tensor of the
+    size of a ``[B, A, K]`` classification map is a fresh, zero-filled ``mmap`` every time.
+    """
+    ce = x.clamp(min=0).addcmul_(x, t, value=-1)  # relu(x) - x t
+    q = x.abs().neg_().exp_().add_(1).log_()  # log(1 + exp(-|x|))
+    ce.add_(q)
+    p = torch.sigmoid(x)
+    q.copy_(p).addcmul_(p, t, value=-2).add_(t)  # 1 - p_t
+    return p, ce, q
+
+
+def _focal_loss_composite(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
+    """``_SigmoidFocalLoss`` in plain out-of-place steps, for autograd to differentiate twice."""
+    p = torch.sigmoid(x)
+    loss = x.clamp(min=0) - x * t + torch.log(1 + torch.exp(-x.abs()))
+    if gamma != 0:
+        loss = loss * (p + t - 2 * p * t).clamp(min=torch.finfo(x.dtype).tiny) ** gamma
+    if alpha >= 0:
+        loss = loss * (t * (2 * alpha - 1) + (1 - alpha))
+    return loss
+
+
+class _SigmoidFocalLoss(torch.autograd.Function):
+    """The focal loss of same-shape float ``logits`` and ``targets``, with its gradient by hand.
+
+    Autograd through the elementwise steps would allocate a full-size tensor for each of them
+    and keep about half of them alive for the backward pass; this keeps only the inputs,
+    recomputes ``p``, ``ce`` and ``1 - p_t`` there, and works in place in its own buffers
+    (three forward, six backward). Under ``torch.compile`` each pass fuses into one kernel.
+    """
+
+    @staticmethod
+    def forward(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+        p, loss, q = _focal_parts(logits, targets)
+        if gamma != 0:
+            tiny = torch.finfo(logits.dtype).tiny
+            loss.mul_(q.clamp_(min=tiny).pow_(gamma))  # ce * (1 - p_t) ** gamma
+        if alpha >= 0:
+            loss.mul_(p.copy_(targets).mul_(2 * alpha - 1).add_(1 - alpha))  # * alpha_t
+        return loss
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        logits, targets, alpha, gamma = inputs
+        ctx.save_for_backward(logits, targets)
+        ctx.alpha, ctx.gamma = alpha, gamma
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        # loss = w m ce, w = alpha_t, m = q ** gamma, q = 1 - p_t = p + t - 2 p t:
+        #   dloss/dx = w (dm/dq (1 - 2t) p (1 - p) ce + m (p - t))
+        #   dloss/dt = w (dm/dq (1 - 2p) ce - m x) + dw/dt m ce
+        x, t = ctx.saved_tensors
+        alpha, gamma = ctx.alpha, ctx.gamma
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            wanted = [v for v, need in zip((x, t), ctx.needs_input_grad) if need]
+            loss = _focal_loss_composite(x, t, alpha, gamma)
+            grads = iter(torch.autograd.grad(loss, wanted, grad, create_graph=True))
+            need_x, need_t = ctx.needs_input_grad[:2]
+            return next(grads) if need_x else None, next(grads) if need_t else None, None, None
+        p, ce, q = _focal_parts(x, t)
+        m: Tensor | float = 1.0
+        dm_ce: Tensor | None = None  # dm/dq * ce
+        if gamma != 0:
+            # As for clamp(q, tiny) ** gamma: no gradient through m where q < tiny, so pow's
+            # derivative (infinite at 0 for gamma < 1) never enters the product.
+            tiny = torch.finfo(x.dtype).tiny
+            below = q < tiny
+            q_c = q.clamp_(min=tiny)
+            m = q_c.pow(gamma)
+            dm_ce = torch.div(m, q_c).mul_(gamma).masked_fill_(below, 0).mul_(ce)
+        grad_w = grad  # grad * alpha_t
+        if alpha >= 0:
+            grad_w = t.mul(2 * alpha - 1).add_(1 - alpha).mul_(grad)
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t = -m * x
+            if dm_ce is not None:
+                grad_t = grad_t + dm_ce * (1 - 2 * p)
+            grad_t = grad_t * grad_w
+            if alpha >= 0:
+                grad_t = grad_t + (2 * alpha - 1) * m * ce * grad
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # in the buffers of p, q and dm_ce
+            if dm_ce is not None:
+                dp = q.copy_(p).addcmul_(p, p, value=-1)  # dp/dx = p (1 - p)
+                dm_ce.mul_(dp).addcmul_(dm_ce, t, value=-2)  # dm/dq ce dq/dx
+            grad_x = p.sub_(t)  # dce/dx = p - t
+            if isinstance(m, Tensor):
+                grad_x.mul_(m)
+            if dm_ce is not None:
+                grad_x.add_(dm_ce)
+            grad_x.mul_(grad_w)
+        return grad_x, grad_t, None, None
+
+
 def sigmoid_focal_loss(
     logits: Float[Tensor, "*shape"],
     targets: Float[Tensor, "*shape"],
@@ -48,6 +151,10 @@ def sigmoid_focal_loss(
     ``loss = alpha_t * (1 - p_t) ** gamma * BCE(logits, targets)`` with ``p = sigmoid(logits)``,
     ``p_t = p * t + (1 - p) * (1 - t)`` and ``alpha_t = alpha * t + (1 - alpha) * (1 - t)``.
 
+    The elementwise steps run in a few reused buffers and the gradient is written out (see
+    ``_SigmoidFocalLoss``), so a ``[B, A, K]`` loss costs three full-size tensors forward and
+    keeps none for backward. Gradients flow to ``logits`` and to (soft) ``targets``.
+
     Args:
         logits: raw scores, any shape.
         targets: same shape (or broadcastable), in ``[0, 1]``; soft targets are allowed.
@@ -55,9 +162,9 @@ def sigmoid_focal_loss(
         gamma: focusing exponent, ``>= 0``; ``gamma = 0`` gives (alpha-weighted) BCE.
 
     Returns:
-        The broadcast shape of the inputs, in float32 (float64 for float64 inputs). Finite with
-        finite gradients for any finite logits, including saturated ones (``|logits| ~ 1e4``) and
-        any ``gamma >= 0``.
+        The broadcast shape of the inputs, in float32 (float64 for float64 inputs), also under
+        autocast. Finite with finite gradients for any finite logits, including saturated ones
+        (``|logits| ~ 1e4``) and any ``gamma >= 0``.
     """
     if alpha > 1:
         raise ValueError(f"alpha must be in [0, 1] or negative to disable it, got {alpha}")
@@ -65,16 +172,7 @@ def sigmoid_focal_loss(
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     logits = _at_least_float32(logits)
     logits, targets = torch.broadcast_tensors(logits, targets.to(logits.dtype))
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p = torch.sigmoid(logits)
-    one_minus_p_t = targets * (1 - p) + (1 - targets) * p
-    # Where 1 - p_t rounds to 0 the true gradient of the modulating factor is 0; the clamp
-    # keeps pow's derivative (infinite at 0 for gamma < 1) out of the chain rule there.
-    modulating = one_minus_p_t.clamp(min=torch.finfo(logits.dtype).tiny) ** gamma
-    loss = ce * modulating
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
+    loss: Tensor = _SigmoidFocalLoss.apply(logits, targets, float(alpha), float(gamma))
     return loss
 
 

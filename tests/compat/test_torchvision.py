@@ -284,7 +284,7 @@ def assert_losses_equal(a, b) -> None:
 def test_spec_is_the_zoo_recipe(version, zoo_file) -> None:
     with torch.device("meta"):
         tv = CTORS[version](weights=None, weights_backbone=None, num_classes=80)
-    zoo = specs.load(ZOO / zoo_file)
+    zoo = specs.load(ZOO / zoo_file, specs.RetinaNet, name="MODEL")
     expected = attrs.evolve(
         zoo,
         # torchvision's untrained models: trainable batch norm, nothing frozen

@@ -81,7 +81,7 @@ def test_images_must_be_rgb_batches() -> None:
     ],
 )
 def test_parameter_count_matches_torchvision_retinanet(zoo_file, ctor) -> None:
-    spec = specs.load(ZOO / zoo_file)
+    spec = specs.load(ZOO / zoo_file, specs.RetinaNet, name="MODEL")
     # torchvision's untrained model uses trainable batch norm (its affine terms are parameters)
     spec = attrs.evolve(spec, backbone=attrs.evolve(spec.backbone, norm="bn"))
     with torch.device("meta"):

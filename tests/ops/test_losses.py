@@ -106,6 +106,59 @@ def test_focal_computes_in_float32_under_autocast():
     torch.testing.assert_close(loss, sigmoid_focal_loss(logits.float(), targets.float()))
 
 
+@given(seed=seeds, shape=shapes, alpha=alphas, gamma=gammas)
+def test_focal_gradients_match_torchvision(seed, shape, alpha, gamma):
+    g = torch.Generator().manual_seed(seed)
+    logits, targets = _logits(g, shape), torch.rand(*shape, generator=g)  # soft targets
+    weight = torch.randn(*shape, generator=g)
+    grads = []
+    for focal in (sigmoid_focal_loss, torchvision.ops.sigmoid_focal_loss):
+        x, t = logits.clone().requires_grad_(), targets.clone().requires_grad_()
+        kwargs = {} if focal is sigmoid_focal_loss else {"reduction": "none"}
+        (focal(x, t, alpha=alpha, gamma=gamma, **kwargs) * weight).sum().backward()
+        grads.append((x.grad, t.grad))
+    (ours_x, ours_t), (ref_x, ref_t) = grads
+    torch.testing.assert_close(ours_x, ref_x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_t, ref_t, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_focal_gradcheck(alpha, gamma):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 8, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.rand(8, generator=g, dtype=torch.float64).requires_grad_()  # broadcast
+
+    def focal(x, t):
+        return sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma)
+
+    assert torch.autograd.gradcheck(focal, (logits, targets))
+    assert torch.autograd.gradgradcheck(focal, (logits, targets))
+
+
+def test_focal_gradient_only_where_asked():
+    logits = torch.randn(5, requires_grad=True)
+    targets = torch.rand(5)
+    sigmoid_focal_loss(logits, targets).sum().backward()
+    assert logits.grad is not None and targets.grad is None
+    logits = torch.randn(5)
+    targets = torch.rand(5, requires_grad=True)
+    sigmoid_focal_loss(logits, targets).sum().backward()
+    assert targets.grad is not None
+
+
+def test_focal_under_autocast_gives_float32_loss_and_finite_gradients():
+    g = torch.Generator().manual_seed(0)
+    logits = (_logits(g, (64,)) * 100).bfloat16().requires_grad_()
+    targets = _binary(g, (64,)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sigmoid_focal_loss(logits, targets)
+        assert loss.dtype == torch.float32
+        loss.sum().backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_focal_rejects_bad_hyperparameters():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="alpha"):
@@ -332,4 +385,24 @@ def test_compiled_equals_eager():
     )
     compiled = torch.compile(_all_losses, fullgraph=True)
     for ours, ref in zip(compiled(*args), _all_losses(*args), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.25, 2.0), (-1.0, 0.5)])
+def test_focal_compiled_gradients_equal_eager(alpha, gamma):
+    g = torch.Generator().manual_seed(0)
+    logits, targets = _logits(g, (2, 30, 4), scale=8.0), torch.rand(2, 30, 4, generator=g)
+    mask = torch.rand(2, 30, generator=g) < 0.8
+
+    def objective(x, t):
+        return masked_sum(sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma), mask[..., None])
+
+    results = []
+    for fn in (torch.compile(objective, fullgraph=True), objective):
+        x, t = logits.clone().requires_grad_(), targets.clone().requires_grad_()
+        loss = fn(x, t)
+        loss.backward()
+        results.append((loss, x.grad, t.grad))
+    for ours, ref in zip(*results, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import hypothesis.strategies as st
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given
 from torch import nn
 from torchvision.models.detection.retinanet import RetinaNet
 
+from fdet.ops import postprocess as postprocess_module
 from fdet.ops.postprocess import (
     Detections,
     batched_nms,
@@ -18,9 +20,6 @@ from fdet.ops.postprocess import (
     select_topk_per_level,
 )
 from tests.strategies import random_boxes, seeds
-
-# torchvision's fake NMS kernel calls a deprecated tracing API.
-pytestmark = pytest.mark.filterwarnings("ignore:`create_unbacked_symint` is deprecated")
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
@@ -268,6 +267,69 @@ def test_nms_separates_images_and_labels():
     assert keep.tolist() == [[False, True, True], [True, True, False]]
 
 
+def test_call_ends_pack_whole_groups():
+    assert postprocess_module._call_ends([3, 1, 1, 300, 2], 4) == [4, 5, 305, 307]
+    assert postprocess_module._call_ends([2, 2], 1) == [2, 4]
+    assert postprocess_module._call_ends([5], 100) == [5]
+
+
+@given(
+    seed=seeds,
+    batch=st.integers(1, 3),
+    num=st.integers(0, 60),
+    num_labels=st.integers(1, 5),
+    call_size=st.sampled_from([1, 7, 40, 10**9]),
+)
+def test_nms_keep_mask_does_not_depend_on_how_groups_are_packed(
+    seed, batch, num, num_labels, call_size
+):
+    g = torch.Generator().manual_seed(seed)
+    boxes, scores, labels, valid = nms_inputs(g, batch, num, num_labels, 0.8)
+    ref = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.4)
+    with mock.patch.object(postprocess_module, "_CPU_CALL_SIZE", call_size):
+        packed = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.4)
+    assert torch.equal(packed, ref)
+
+
+@pytest.mark.parametrize("call_size", [None, 64])
+def test_nms_keep_mask_matches_torchvision_on_crowded_images(call_size):
+    # Several thousand candidates an image, labels of very different sizes (one group larger
+    # than a kernel call), a wide coordinate range and ties: the packing into calls and the
+    # group offsets must not change what is kept.
+    g = torch.Generator().manual_seed(3)
+    batch, num = 3, 3000
+    boxes = random_boxes(g, (batch, num), image_size=2000.0, max_size=400.0) - 700.0
+    scores = (torch.rand(batch, num, generator=g) * 50).round() / 50  # many ties
+    labels = torch.minimum(torch.randint(0, 40, (batch, num), generator=g), torch.tensor(30))
+    valid = torch.rand(batch, num, generator=g) < 0.9
+    size = postprocess_module._CPU_CALL_SIZE if call_size is None else call_size
+    with mock.patch.object(postprocess_module, "_CPU_CALL_SIZE", size):
+        keep = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.5)
+    for b in range(batch):
+        v = valid[b]
+        ref = torchvision.ops.batched_nms(boxes[b][v], scores[b][v], labels[b][v], 0.5)
+        expected = torch.zeros(int(v.sum()), dtype=torch.bool).index_fill(0, ref, True)
+        assert torch.equal(keep[b][v], expected), f"image {b}"
+        assert not keep[b][~v].any()
+
+
+def test_nms_keep_mask_op_passes_opcheck():
+    g = torch.Generator().manual_seed(0)
+    boxes, scores, labels, valid = nms_inputs(g, 2, 30, 3, 0.7)
+    torch.library.opcheck(torch.ops.fdet.nms_keep_mask.default, (boxes, scores, labels, valid, 0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nms_keep_mask_on_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(1)
+    boxes, scores, labels, valid = nms_inputs(g, 4, 500, 6, 0.8)
+    ref = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.5)
+    args = (boxes.cuda(), scores.cuda(), labels.cuda(), valid.cuda())
+    keep = nms_keep_mask(*args, iou_threshold=0.5)
+    assert keep.device.type == "cuda"
+    assert torch.equal(keep.cpu(), ref)
+
+
 def test_batched_nms_on_empty_inputs():
     det = batched_nms(
         torch.zeros(2, 0, 4),
@@ -324,6 +386,11 @@ def test_postprocess_dense_compiled_equals_eager():
 def test_postprocess_dense_exports():
     case = DenseCase(5, batch=2, num_classes=4, level_sizes=(80, 20))
     program = torch.export.export(DensePostprocess(), _dense_module_args(case), strict=False)
+    # NMS is one opaque call with a static [B, C] result: no data-dependent sizes, no guards.
+    targets = [node.target for node in program.graph.nodes]
+    assert targets.count(torch.ops.fdet.nms_keep_mask.default) == 1
+    assert torch.ops.torchvision.nms.default not in targets
+    assert not program.range_constraints
     for seed, empty in [(5, ()), (6, (0,)), (7, (0, 1))]:
         other = DenseCase(seed, batch=2, num_classes=4, level_sizes=(80, 20), empty_images=empty)
         args = _dense_module_args(other)
