@@ -85,7 +85,7 @@ from fdet.ops.anchors import level_sizes
 from fdet.ops.assign import IGNORE, POSITIVE
 from fdet.ops.boxes import clip_boxes
 from fdet.ops.coding import decode_deltas
-from fdet.ops.losses import masked_sum, sigmoid_focal_loss
+from fdet.ops.losses import sigmoid_focal_loss_labels
 from fdet.ops.postprocess import (
     nms_keep_mask,
     postprocess_dense,
@@ -467,29 +467,23 @@ def objective_breakdown(
     assignment = retinanet_assign(anchors, gt_boxes, gt_valid, None, assigner=spec.assigner)
     positive = assignment.label == POSITIVE
     counted = assignment.label != IGNORE
-    classes = torch.arange(logits.shape[-1])
-
-    def one_hot() -> Tensor:
-        labels = gt_labels.gather(1, assignment.gt_index)
-        return ((labels[..., None] == classes) & positive[..., None]).float()
-
-    targets = one_hot()
-    focal = sigmoid_focal_loss(
-        logits, targets, alpha=spec.cls_loss.alpha, gamma=spec.cls_loss.gamma
-    )
+    labels = gt_labels.gather(1, assignment.gt_index)
     stages = [
         (
             "assignment (IoU [B, M, A], max, low-quality)",
             lambda: retinanet_assign(anchors, gt_boxes, gt_valid, None, assigner=spec.assigner),
         ),
-        ("one-hot targets [B, A, K]", one_hot),
         (
-            "sigmoid_focal_loss [B, A, K]",
-            lambda: sigmoid_focal_loss(
-                logits, targets, alpha=spec.cls_loss.alpha, gamma=spec.cls_loss.gamma
-            ),
+            "sigmoid_focal_loss_labels [B, A, K] + sum",
+            lambda: sigmoid_focal_loss_labels(
+                logits,
+                labels,
+                positive,
+                valid=counted,
+                alpha=spec.cls_loss.alpha,
+                gamma=spec.cls_loss.gamma,
+            ).sum(),
         ),
-        ("masked_sum of it", lambda: masked_sum(focal, counted[..., None])),
     ]
     return ["fdet eager stages: " + "; ".join(stage_times(stages))]
 

@@ -114,18 +114,22 @@ def assign_max_iou(
         gt_valid = gt_valid.new_zeros(batch, 1)
 
     valid = gt_valid[:, :, None]  # [B, M, 1]
-    iou = box_iou(gt_boxes, anchors)  # [B, M, A]
-    iou = torch.where(valid, iou, -1.0)  # [B, M, A] padded slots (even NaN boxes) rank last
+    # Not differentiated: without autograd box_iou works in place, and so does the rest.
+    iou = box_iou(gt_boxes.detach(), anchors.detach())  # [B, M, A]
+    iou = iou.masked_fill_(~valid, -1.0)  # padded slots (even NaN boxes) rank last
     best_iou, gt_index = iou.max(dim=1)  # [B, A] -1 in images without valid gts: NEGATIVE
 
     positive = best_iou >= pos_iou  # [B, A]
     negative = best_iou < neg_iou  # [B, A]
     if low_quality_matches and anchors.shape[-2] > 0:
-        candidates = iou  # [B, M, A]
+        candidates = iou  # [B, M, A], no longer needed as it is
         if ignore_mask is not None:
-            candidates = candidates.masked_fill(ignore_mask[..., None, :], -1.0)
+            candidates = candidates.masked_fill_(ignore_mask[..., None, :], -1.0)
         gt_best = candidates.max(dim=2, keepdim=True).values  # [B, M, 1]
-        reaches_best = (candidates == gt_best) & (gt_best > min_low_quality_iou) & valid
+        # NaN where a slot promotes nothing: no IoU equals it
+        promotes = (gt_best > min_low_quality_iou) & valid  # [B, M, 1]
+        gt_best = gt_best.masked_fill_(~promotes, float("nan"))
+        reaches_best = candidates == gt_best  # [B, M, A]
         positive = positive | reaches_best.any(dim=1)  # [B, A]
 
     label = torch.where(negative, NEGATIVE, IGNORE)  # [B, A]

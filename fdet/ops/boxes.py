@@ -190,7 +190,34 @@ def box_iou(
 
     ``eps`` is added to the union.
     """
-    return _iou(*_pair(boxes1, boxes2), eps)
+    boxes1, boxes2 = _pair(boxes1, boxes2)
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (boxes1.requires_grad or boxes2.requires_grad)
+    ):
+        return _iou(boxes1, boxes2, eps)
+    return _iou_no_grad(boxes1, boxes2, eps)
+
+
+def _iou_no_grad(boxes1: Tensor, boxes2: Tensor, eps: float) -> Tensor:
+    """``_iou`` of paired boxes in three full-size buffers written in place, for eager calls
+    without autograd: the same operations on the same values, so the same result. The width and
+    height of the intersection are computed separately rather than as one ``[..., N, M, 2]``."""
+    x1a, y1a, x2a, y2a = boxes1.unbind(-1)  # [..., N, 1]
+    x1b, y1b, x2b, y2b = boxes2.unbind(-1)  # [..., 1, M]
+    wh1, wh2 = _wh(boxes1), _wh(boxes2)
+    area1 = wh1[..., 0] * wh1[..., 1]  # [..., N, 1]
+    area2 = wh2[..., 0] * wh2[..., 1]  # [..., 1, M]
+    inter = torch.minimum(x2a, x2b)  # [..., N, M]
+    scratch = torch.maximum(x1a, x1b)
+    inter.sub_(scratch).clamp_(min=0)  # intersection width
+    torch.maximum(y1a, y1b, out=scratch)
+    height = torch.minimum(y2a, y2b).sub_(scratch).clamp_(min=0)
+    inter.mul_(height)
+    union = torch.add(area1, area2, out=scratch).sub_(inter)  # area1 + area2 - inter
+    if eps != 0:
+        union.add_(eps)
+    outside = union.gt(0).logical_not_()  # zero, negative or NaN denominators give 0
+    return inter.div_(union).masked_fill_(outside, 0.0)
 
 
 def box_ioa(

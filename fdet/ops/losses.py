@@ -28,6 +28,7 @@ __all__ = [
     "masked_sum",
     "normalize",
     "sigmoid_focal_loss",
+    "sigmoid_focal_loss_labels",
     "smooth_l1_loss",
     "softmax_cross_entropy",
 ]
@@ -37,7 +38,7 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _focal_parts(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _focal_parts(x: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """``p = sigmoid(x)``, ``ce = BCE(x, t)`` and ``q = 1 - p_t``: three fresh tensors.
 
     ``ce = relu(x) - x t + log(1 + exp(-|x|))``. ``log1p`` would be more precise where
@@ -45,13 +46,71 @@ def _focal_parts(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     vectorize it, and ``log`` is vectorized. ``q = p + t - 2 p t`` is exactly ``p`` for
     ``t = 0``. Each full-size tensor is written in place once allocated: on CPU a tensor of the
     size of a ``[B, A, K]`` classification map is a fresh, zero-filled ``mmap`` every time.
+    ``t = None`` stands for all-zero targets: the terms with ``t`` are skipped, which changes no
+    value (they add zeros).
     """
-    ce = x.clamp(min=0).addcmul_(x, t, value=-1)  # relu(x) - x t
+    ce = x.clamp(min=0)
+    if t is not None:
+        ce.addcmul_(x, t, value=-1)  # relu(x) - x t
     q = x.abs().neg_().exp_().add_(1).log_()  # log(1 + exp(-|x|))
     ce.add_(q)
     p = torch.sigmoid(x)
-    q.copy_(p).addcmul_(p, t, value=-2).add_(t)  # 1 - p_t
+    q.copy_(p)
+    if t is not None:
+        q.addcmul_(p, t, value=-2).add_(t)  # 1 - p_t
     return p, ce, q
+
+
+def _focal_forward(x: Tensor, t: Tensor | None, alpha: float, gamma: float) -> Tensor:
+    """The focal loss in the buffers of ``_focal_parts``; ``t = None``: all-zero targets, in
+    two buffers (``1 - p_t`` is then ``p``, written over ``log(1 + exp(-|x|))``)."""
+    if t is None:
+        loss = x.clamp(min=0)  # ce = relu(x) + log(1 + exp(-|x|))
+        q = x.abs().neg_().exp_().add_(1).log_()
+        loss.add_(q)
+        if gamma != 0:
+            q = torch.sigmoid(x, out=q).clamp_(min=torch.finfo(x.dtype).tiny).pow_(gamma)
+            loss.mul_(q)  # ce * p ** gamma
+        return loss.mul_(1 - alpha) if alpha >= 0 else loss  # alpha_t = 1 - alpha
+    p, loss, q = _focal_parts(x, t)
+    if gamma != 0:
+        tiny = torch.finfo(x.dtype).tiny
+        loss.mul_(q.clamp_(min=tiny).pow_(gamma))  # ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss.mul_(p.copy_(t).mul_(2 * alpha - 1).add_(1 - alpha))  # * alpha_t
+    return loss
+
+
+def _focal_grad_logits(
+    x: Tensor, t: Tensor | None, grad: Tensor, alpha: float, gamma: float
+) -> Tensor:
+    """``grad * dloss/dx`` of the focal loss, in the buffers of ``_focal_parts`` (see
+    ``_SigmoidFocalLoss.backward``); ``t = None``: all-zero targets."""
+    p, ce, q = _focal_parts(x, t)
+    m: Tensor | None = None
+    dm_ce: Tensor | None = None  # dm/dq * ce
+    if gamma != 0:
+        tiny = torch.finfo(x.dtype).tiny
+        below = q < tiny
+        q_c = q.clamp_(min=tiny)
+        m = q_c.pow(gamma)
+        dm_ce = torch.div(m, q_c).mul_(gamma).masked_fill_(below, 0).mul_(ce)
+    grad_w = grad  # grad * alpha_t
+    if alpha >= 0:
+        grad_w = (
+            grad.mul(1 - alpha) if t is None else t.mul(2 * alpha - 1).add_(1 - alpha).mul_(grad)
+        )
+    if dm_ce is not None:
+        dp = q.copy_(p).addcmul_(p, p, value=-1)  # dp/dx = p (1 - p)
+        dm_ce.mul_(dp)  # dm/dq ce dq/dx
+        if t is not None:
+            dm_ce.addcmul_(dm_ce, t, value=-2)
+    grad_x = p if t is None else p.sub_(t)  # dce/dx = p - t
+    if m is not None:
+        grad_x.mul_(m)
+    if dm_ce is not None:
+        grad_x.add_(dm_ce)
+    return grad_x.mul_(grad_w)
 
 
 def _focal_loss_composite(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -76,13 +135,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
-        p, loss, q = _focal_parts(logits, targets)
-        if gamma != 0:
-            tiny = torch.finfo(logits.dtype).tiny
-            loss.mul_(q.clamp_(min=tiny).pow_(gamma))  # ce * (1 - p_t) ** gamma
-        if alpha >= 0:
-            loss.mul_(p.copy_(targets).mul_(2 * alpha - 1).add_(1 - alpha))  # * alpha_t
-        return loss
+        return _focal_forward(logits, targets, alpha, gamma)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -173,6 +226,108 @@ def sigmoid_focal_loss(
     logits = _at_least_float32(logits)
     logits, targets = torch.broadcast_tensors(logits, targets.to(logits.dtype))
     loss: Tensor = _SigmoidFocalLoss.apply(logits, targets, float(alpha), float(gamma))
+    return loss
+
+
+class _SigmoidFocalLossLabels(torch.autograd.Function):
+    """``_SigmoidFocalLoss`` of one-hot targets given as labels: no target tensor of the size of
+    the logits is made. Every element is computed as a negative (``t = 0``) in place, then the
+    positives' own class (one element a row) is recomputed with ``t = 1`` on a ``[..., 1]``
+    gather and scattered back; rows outside ``valid`` are zeroed."""
+
+    @staticmethod
+    def forward(
+        logits: Tensor,
+        labels: Tensor,
+        positive: Tensor,
+        valid: Tensor,
+        alpha: float,
+        gamma: float,
+    ) -> Tensor:
+        index = labels[..., None]  # [..., 1]
+        x_own = logits.gather(-1, index)  # [..., 1]
+        loss = _focal_forward(logits, None, alpha, gamma)  # [..., K] all negatives
+        own = _focal_forward(x_own, torch.ones_like(x_own), alpha, gamma)
+        own = torch.where(positive[..., None], own, loss.gather(-1, index))
+        loss.scatter_(-1, index, own)
+        return loss.masked_fill_(~valid[..., None], 0.0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        logits, labels, positive, valid, alpha, gamma = inputs
+        ctx.save_for_backward(logits, labels, positive, valid)
+        ctx.alpha, ctx.gamma = alpha, gamma
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+        x, labels, positive, valid = ctx.saved_tensors
+        alpha, gamma = ctx.alpha, ctx.gamma
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        index = labels[..., None]  # [..., 1]
+        keep = valid[..., None]  # [..., 1]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            classes = torch.arange(x.shape[-1], device=x.device)
+            targets = ((index == classes) & positive[..., None]).to(x.dtype)  # [..., K]
+            loss = _focal_loss_composite(x, targets, alpha, gamma)
+            loss = torch.where(keep, loss, torch.zeros_like(loss))
+            (grad_x,) = torch.autograd.grad(loss, [x], grad, create_graph=True)
+            return grad_x, None, None, None, None, None
+        grad = grad.expand_as(x)
+        x_own = x.gather(-1, index)
+        grad_own = grad.gather(-1, index)
+        grad_x = _focal_grad_logits(x, None, grad, alpha, gamma)  # [..., K] all negatives
+        own = _focal_grad_logits(x_own, torch.ones_like(x_own), grad_own, alpha, gamma)
+        own = torch.where(positive[..., None], own, grad_x.gather(-1, index))
+        grad_x.scatter_(-1, index, own)
+        return grad_x.masked_fill_(~keep, 0.0), None, None, None, None, None
+
+
+def sigmoid_focal_loss_labels(
+    logits: Float[Tensor, "*batch K"],
+    labels: Int[Tensor, "*batch"],
+    positive: Bool[Tensor, "*batch"],
+    *,
+    valid: Bool[Tensor, "*batch"] | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> Float[Tensor, "*batch K"]:
+    """``sigmoid_focal_loss`` with one-hot targets given by class labels, unreduced.
+
+    The target of row ``i`` is ``one_hot(labels[i], K)`` where ``positive[i]`` and all zeros
+    elsewhere; rows outside ``valid`` get loss exactly 0 and no gradient. The values are those
+    of ``torch.where(valid[..., None], sigmoid_focal_loss(logits, targets), 0)``, without
+    building the float ``targets`` (nor the mask) of the size of ``logits``: in eager mode that
+    saves two or three full-size tensors. Under ``torch.compile`` it is that
+    composition, which inductor fuses into one pass. Gradients flow to ``logits`` only.
+
+    Args:
+        logits: ``[..., K]`` raw scores.
+        labels: ``[...]`` classes in ``[0, K)`` where ``positive``; ignored elsewhere (any value).
+        positive: ``[...]`` True for rows whose target is their label's one-hot vector.
+        valid: ``[...]`` optional, False for rows to leave out (e.g. ignored anchors).
+        alpha, gamma: as in ``sigmoid_focal_loss``.
+
+    Returns:
+        ``[..., K]``, float32 (float64 for float64 logits), also under autocast.
+    """
+    if alpha > 1:
+        raise ValueError(f"alpha must be in [0, 1] or negative to disable it, got {alpha}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    logits = _at_least_float32(logits)
+    rows = logits.shape[:-1]
+    positive = positive.expand(rows)
+    labels = torch.where(positive, labels.expand(rows), 0).long()  # in range everywhere
+    valid = torch.ones_like(positive) if valid is None else valid.expand(rows)
+    if torch.compiler.is_compiling():  # inductor fuses the one-hot targets away; no scatter
+        classes = torch.arange(logits.shape[-1], device=logits.device)  # [K]
+        targets = ((labels[..., None] == classes) & positive[..., None]).to(logits.dtype)
+        focal: Tensor = _SigmoidFocalLoss.apply(logits, targets, float(alpha), float(gamma))
+        return torch.where(valid[..., None], focal, torch.zeros_like(focal))
+    loss: Tensor = _SigmoidFocalLossLabels.apply(
+        logits, labels, positive, valid, float(alpha), float(gamma)
+    )
     return loss
 
 

@@ -21,7 +21,7 @@ from fdet.models.detectors.retinanet import (
 from fdet.models.heads.retina import RetinaHeadOutputs
 from fdet.ops.assign import IGNORE, NEGATIVE, POSITIVE
 from fdet.ops.boxes import box_ioa
-from fdet.ops.losses import sigmoid_focal_loss
+from fdet.ops.losses import masked_sum, sigmoid_focal_loss
 from tests.strategies import random_boxes
 
 IMAGE = 128
@@ -128,6 +128,30 @@ def test_batch_normalizes_once_by_all_positives(case) -> None:
     torch.testing.assert_close(whole.cls_loss, cls_sum / num_pos.clamp(min=1))
     torch.testing.assert_close(whole.box_loss, box_sum / num_pos.clamp(min=1))
     torch.testing.assert_close(whole.loss, whole.cls_loss + whole.box_loss, rtol=0, atol=0)
+
+
+@settings(max_examples=15)
+@given(case=cases())
+def test_classification_term_is_focal_loss_of_one_hot_targets(case) -> None:
+    """The classification term equals the focal loss of one-hot float targets on the positives
+    and zeros on the negatives, summed over the anchors that are not IGNORE, gradients included."""
+    outputs, gts, _ = case
+    logits = torch.cat(outputs.cls_logits, dim=1).requires_grad_()
+    assignment = retinanet_assign(
+        anchors(), gts.boxes, gts.valid, gts.crowd, assigner=specs.MaxIoUAssigner()
+    )
+    positive = assignment.label == POSITIVE
+    labels = gts.labels.gather(1, assignment.gt_index) if gts.labels.shape[1] else positive.long()
+    targets = ((labels[..., None] == torch.arange(K)) & positive[..., None]).float()
+    counted = (assignment.label != IGNORE)[..., None]
+    count = positive.sum().clamp(min=1)
+    expected = masked_sum(sigmoid_focal_loss(logits, targets), counted) / count
+    (want,) = torch.autograd.grad(expected, logits)
+    split = RetinaHeadOutputs(split_levels(logits), outputs.box_deltas, FEATURE_SIZES)
+    got = loss_of(split, gts).cls_loss
+    (grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, want)
 
 
 def test_images_without_objects_are_all_negative() -> None:

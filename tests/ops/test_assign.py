@@ -392,3 +392,18 @@ def test_compiled_equals_eager(case):
     args = (case.anchors, per_image, case.gt_boxes, case.gt_valid, ignore)
     for got, want in zip(_compiled_three_ways(*args), _three_ways(*args)):
         _assert_equal(got, want)
+
+
+@settings(max_examples=15)
+@given(case=assign_cases())
+def test_inputs_that_require_grad_give_the_same_assignment(case):
+    want = assign_max_iou(case.anchors, case.gt_boxes, case.gt_valid, pos_iou=0.5, neg_iou=0.4)
+    got = assign_max_iou(
+        case.anchors.clone().requires_grad_(),
+        case.gt_boxes.clone().requires_grad_(),
+        case.gt_valid,
+        pos_iou=0.5,
+        neg_iou=0.4,
+    )
+    assert not got.iou.requires_grad
+    _assert_equal(got, want)

@@ -412,3 +412,22 @@ def test_compiled_equals_eager() -> None:
     for got, expected in zip(*results, strict=True):
         assert torch.isfinite(expected).all()
         torch.testing.assert_close(got, expected)
+
+
+@given(
+    pair=box_pairs(),
+    eps=st.sampled_from([0.0, 1e-7, 1.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+    nan=st.booleans(),
+)
+def test_box_iou_without_autograd_equals_the_differentiable_path(pair, eps, dtype, nan) -> None:
+    """Without autograd ``box_iou`` works in place; the result is the same, bit for bit."""
+    a, b = (x.to(dtype) for x in pair)
+    if nan and a.numel():
+        a = a.clone()
+        a.view(-1, 4)[0] = math.nan
+    with torch.no_grad():
+        fast = B.box_iou(a, b, eps=eps)
+    slow = B.box_iou(a.clone().requires_grad_(True), b, eps=eps)
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0, equal_nan=True)

@@ -40,7 +40,7 @@ from fdet.ops.losses import (
     l1_loss,
     masked_sum,
     normalize,
-    sigmoid_focal_loss,
+    sigmoid_focal_loss_labels,
     smooth_l1_loss,
 )
 from fdet.ops.postprocess import (
@@ -244,7 +244,6 @@ def retinanet_loss(
         )
     anchors = anchors.float()
     gt_boxes = gt_boxes.float()
-    num_classes = cls_logits.shape[2]
 
     assignment = retinanet_assign(
         anchors, gt_boxes, gt_valid, gt_crowd, assigner=assigner, crowd_ioa=crowd_ioa
@@ -256,12 +255,10 @@ def retinanet_loss(
 
     # classification: one-hot targets on positives, zeros on negatives
     labels = gt_labels.gather(1, assignment.gt_index)  # [B, A], garbage where not positive
-    classes = torch.arange(num_classes, device=labels.device)  # [K]
-    targets = (labels[..., None] == classes) & positive[..., None]  # [B, A, K]
-    focal = sigmoid_focal_loss(
-        cls_logits, targets.float(), alpha=cls_loss.alpha, gamma=cls_loss.gamma
-    )  # [B, A, K]
-    cls_total = masked_sum(focal, counted[..., None])
+    focal = sigmoid_focal_loss_labels(
+        cls_logits, labels, positive, valid=counted, alpha=cls_loss.alpha, gamma=cls_loss.gamma
+    )  # [B, A, K], 0 on IGNORE anchors
+    cls_total = focal.sum()
 
     # box regression on positives; the rest get harmless stand-ins so that no NaN or inf from
     # padded slots or wild predictions reaches the (masked) gradient
