@@ -81,6 +81,19 @@ def _focal_forward(x: Tensor, t: Tensor | None, alpha: float, gamma: float) -> T
     return loss
 
 
+def _modulation(q: Tensor, ce: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """``m = clamp(1 - p_t, tiny) ** gamma`` and ``dm/dq * ce``, clamping ``q`` in place.
+
+    As for ``clamp(q, tiny) ** gamma``, there is no gradient through ``m`` where ``q < tiny``, so
+    pow's derivative (infinite at 0 for ``gamma < 1``) never enters the product.
+    """
+    tiny = torch.finfo(q.dtype).tiny
+    below = q < tiny
+    q_c = q.clamp_(min=tiny)
+    m = q_c.pow(gamma)
+    return m, torch.div(m, q_c).mul_(gamma).masked_fill_(below, 0).mul_(ce)
+
+
 def _focal_grad_logits(
     x: Tensor, t: Tensor | None, grad: Tensor, alpha: float, gamma: float
 ) -> Tensor:
@@ -90,11 +103,7 @@ def _focal_grad_logits(
     m: Tensor | None = None
     dm_ce: Tensor | None = None  # dm/dq * ce
     if gamma != 0:
-        tiny = torch.finfo(x.dtype).tiny
-        below = q < tiny
-        q_c = q.clamp_(min=tiny)
-        m = q_c.pow(gamma)
-        dm_ce = torch.div(m, q_c).mul_(gamma).masked_fill_(below, 0).mul_(ce)
+        m, dm_ce = _modulation(q, ce, gamma)
     grad_w = grad  # grad * alpha_t
     if alpha >= 0:
         grad_w = (
@@ -160,13 +169,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         m: Tensor | float = 1.0
         dm_ce: Tensor | None = None  # dm/dq * ce
         if gamma != 0:
-            # As for clamp(q, tiny) ** gamma: no gradient through m where q < tiny, so pow's
-            # derivative (infinite at 0 for gamma < 1) never enters the product.
-            tiny = torch.finfo(x.dtype).tiny
-            below = q < tiny
-            q_c = q.clamp_(min=tiny)
-            m = q_c.pow(gamma)
-            dm_ce = torch.div(m, q_c).mul_(gamma).masked_fill_(below, 0).mul_(ce)
+            m, dm_ce = _modulation(q, ce, gamma)
         grad_w = grad  # grad * alpha_t
         if alpha >= 0:
             grad_w = t.mul(2 * alpha - 1).add_(1 - alpha).mul_(grad)
