@@ -85,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fdet.eval.coco import format_table
     from fdet.eval.evaluate import evaluate_model
     from fdet.train import load_run
-    from fdet.train.engine import make_datasets
+    from fdet.train.engine import check_classes, make_datasets
 
     exp, model = load_run(args.run, device=args.device)
     if args.data:
@@ -98,8 +98,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             args.annotations,
             transform=build_transform(exp.val_transforms, train=False),
         )
+        check_classes(exp.model, dataset, str(args.annotations))
     else:
-        dataset = make_datasets(exp).val
+        dataset = make_datasets(exp, with_train=False).val
     loader = make_loader(
         dataset,
         batch_size=args.batch_size or exp.batch_size,

@@ -55,8 +55,12 @@ class DataSets:
     val: Any
 
 
-def make_datasets(exp: specs.Experiment) -> DataSets:
-    """Open (and for the shapes set, generate on first use) the experiment's data sets."""
+def make_datasets(exp: specs.Experiment, *, with_train: bool = True) -> DataSets:
+    """Open (and for the shapes set, generate on first use) the experiment's data sets
+    (``with_train=False``: the validation set only; ``train`` is then None).
+
+    The model's class count must match the data's categories, and the validation set must have
+    the training set's categories (the same ids), or labels would be mapped to the wrong ids."""
     from fdet.data.coco import CocoDataset
     from fdet.data.transforms import build_transform
 
@@ -75,18 +79,33 @@ def make_datasets(exp: specs.Experiment) -> DataSets:
         train_args = (data.train_images, data.train_annotations)
         val_args = (data.val_images, data.val_annotations)
         on_bad = data.on_bad_input
-    train_transform = build_transform(exp.train_transforms, train=True)
-    train = CocoDataset(*train_args, on_bad_input=on_bad, transform=train_transform, seed=exp.seed)
     val = CocoDataset(
         *val_args, on_bad_input=on_bad, transform=build_transform(exp.val_transforms, train=False)
     )
-    num_classes = len(train.label_to_category_id)
-    if num_classes != exp.model.num_classes:
-        raise TrainingError(
-            f"the model predicts {exp.model.num_classes} classes (model.head.num_classes) but the "
-            f"training set has {num_classes} categories"
+    train = None
+    if with_train:
+        train_transform = build_transform(exp.train_transforms, train=True)
+        train = CocoDataset(
+            *train_args, on_bad_input=on_bad, transform=train_transform, seed=exp.seed
         )
+        if tuple(val.label_to_category_id) != tuple(train.label_to_category_id):
+            raise TrainingError(
+                f"the validation set's category ids {tuple(val.label_to_category_id)} differ "
+                f"from the training set's {tuple(train.label_to_category_id)} ({val_args[1]} vs "
+                f"{train_args[1]})"
+            )
+    check_classes(exp.model, val, "training" if train is not None else "validation")
     return DataSets(train=train, val=val)
+
+
+def check_classes(model: specs.RetinaNet, dataset: Any, name: str = "data") -> None:
+    """A clear error when the model's class count differs from the data set's categories."""
+    num_classes = len(dataset.label_to_category_id)
+    if num_classes != model.num_classes:
+        raise TrainingError(
+            f"the model predicts {model.num_classes} classes (model.head.num_classes) but the "
+            f"{name} set has {num_classes} categories"
+        )
 
 
 def max_objects(dataset: Any) -> int:

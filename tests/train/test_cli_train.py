@@ -124,6 +124,33 @@ def test_class_count_mismatch_is_reported(tmp_path: Path) -> None:
         train(exp, tmp_path / "run", progress=False)
 
 
+def test_validation_categories_must_match_training(tmp_path: Path) -> None:
+    import shutil
+
+    from fdet.data.shapes import ensure_shapes
+
+    exp = tiny_experiment(tmp_path / "cache")
+    assert isinstance(exp.data, specs.ShapesData)
+    paths = ensure_shapes(exp.data)
+    root = tmp_path / "coco"
+    shutil.copytree(paths.root, root)
+    val_json = root / paths.val_annotations.relative_to(paths.root)
+    data = json.loads(val_json.read_text())
+    data["categories"][0]["id"] = 99  # same count, another id
+    for ann in data["annotations"]:
+        if ann["category_id"] == 1:
+            ann["category_id"] = 99
+    val_json.write_text(json.dumps(data))
+    coco = specs.CocoData(
+        train_images=str(root / paths.train_images.relative_to(paths.root)),
+        train_annotations=str(root / paths.train_annotations.relative_to(paths.root)),
+        val_images=str(root / paths.val_images.relative_to(paths.root)),
+        val_annotations=str(val_json),
+    )
+    with pytest.raises(TrainingError, match=r"validation set's category ids .* differ"):
+        train(attrs.evolve(exp, data=coco), tmp_path / "run", progress=False)
+
+
 def test_non_finite_loss_stops_training_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
