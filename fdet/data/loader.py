@@ -133,6 +133,11 @@ class Loader:
 
     Wraps a ``torch.utils.data.DataLoader`` (``.dataloader``) over a :class:`ShardedSampler`
     (``.sampler``) with :func:`fdet.data.collate.collate`.
+
+    ``pin_memory`` defaults to whether CUDA is available, ``persistent_workers`` to whether
+    there are workers. ``rank``/``world_size`` shard the data for distributed training (see
+    :class:`ShardedSampler`; ``pad_shards=False`` for evaluation). ``pad_to`` and ``slots``
+    fix the batch's image size and annotation slots (see :func:`collate`).
     """
 
     def __init__(
@@ -208,50 +213,8 @@ class Loader:
         return len(self.dataloader)
 
 
-def make_loader(
-    dataset: EpochDataset | Dataset,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    num_workers: int,
-    pad_divisor: int,
-    drop_last: bool,
-    epoch: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    pad_shards: bool = True,
-    pin_memory: bool | None = None,
-    persistent_workers: bool | None = None,
-    prefetch_factor: int | None = None,
-    pad_to: tuple[int, int] | None = None,
-    slots: int | None = None,
-) -> Loader:
-    """A :class:`Loader` of padded :class:`Batch` es.
-
-    ``pin_memory`` defaults to whether CUDA is available, ``persistent_workers`` to whether
-    there are workers. ``rank``/``world_size`` shard the data for distributed training (see
-    :class:`ShardedSampler`; ``pad_shards=False`` for evaluation). ``pad_to`` and ``slots``
-    fix the batch's image size and annotation slots (see :func:`collate`).
-    """
-    return Loader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        num_workers=num_workers,
-        pad_divisor=pad_divisor,
-        drop_last=drop_last,
-        epoch=epoch,
-        rank=rank,
-        world_size=world_size,
-        pad_shards=pad_shards,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers,
-        prefetch_factor=prefetch_factor,
-        pad_to=pad_to,
-        slots=slots,
-    )
+make_loader = Loader
+"""A :class:`Loader` of padded :class:`Batch` es (the same constructor, by its verb name)."""
 
 
 def infinite(loader: Loader, *, start_iteration: int = 0) -> Iterator[Batch]:
