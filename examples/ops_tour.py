@@ -18,7 +18,7 @@ from fdet.ops.postprocess import postprocess_dense
 def main() -> None:
     torch.manual_seed(0)
     spec = specs.RetinaNet(
-        backbone=specs.ResNet(depth=18, norm="bn", out_levels=(3, 4, 5), width=16),
+        backbone=specs.ResNet(depth=18, norm=specs.BatchNorm(), out_levels=(3, 4, 5), width=16),
         neck=specs.FPN(channels=32),
         head=specs.RetinaHead(num_classes=3, num_convs=1, channels=32),
     )

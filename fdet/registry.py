@@ -1,8 +1,10 @@
 """Builders keyed by spec type: ``register(specs.X)`` records one, ``build(spec)`` calls it.
 
 Registration is explicit (a decorator on the builder function) and there are no scopes: one
-builder a spec class. fdet's own builders live in ``fdet.models`` and are imported on the first
-``build``; builders for your own spec classes register when your module is imported.
+builder a spec class. fdet's own builders live in ``fdet.models`` (modules, norm layers),
+``fdet.train.schedule`` (warm-ups, decays) and ``fdet.train.optim`` (optimizers), and are
+imported on the first ``build``; builders for your own spec classes register when your module
+is imported.
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ def register(spec_type: type[Spec]) -> Callable[[F], F]:
 
 
 def _ensure_builtin() -> None:
-    import fdet.models  # noqa: F401  (registers fdet's builders)
+    # Import statements (not importlib) so that a build inside torch.compile traces: each module
+    # registers fdet's builders for its spec types when imported.
+    from fdet import models  # noqa: F401
+    from fdet.models import layers  # noqa: F401
+    from fdet.train import optim, schedule  # noqa: F401
 
 
 def builder_for(spec_type: type[Spec]) -> Callable[..., Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
@@ -45,7 +45,7 @@ __all__ = [
     "state_dict_from_torchvision",
 ]
 
-BatchNormKind = Literal["bn", "frozen_bn"]
+BatchNormSpec = specs.BatchNorm | specs.FrozenBatchNorm
 
 _FDET_NORM_EPS = 1e-5  # eps of fdet's batch norms and group norms (the torch defaults)
 
@@ -82,19 +82,19 @@ def _unsupported(where: str, what: str) -> UnsupportedModelError:
 # ---------------------------------------------------------------------------------------------
 
 
-def _batch_norm_kind(module: nn.Module, where: str) -> BatchNormKind:
+def _batch_norm_spec(module: nn.Module, where: str) -> BatchNormSpec:
     if isinstance(module, FrozenBatchNorm2d):
-        return "frozen_bn"
+        return specs.FrozenBatchNorm()
     if isinstance(module, nn.BatchNorm2d):
         if not (module.affine and module.track_running_stats):
             raise _unsupported(where, "batch norm without affine terms or running statistics")
-        return "bn"
+        return specs.BatchNorm()
     raise _unsupported(
         where, f"{type(module).__name__} (fdet converts BatchNorm2d and FrozenBatchNorm2d)"
     )
 
 
-def _resnet_spec(body: Any, norm: BatchNormKind | None) -> tuple[specs.ResNet, tuple[int, ...]]:
+def _resnet_spec(body: Any, norm: BatchNormSpec | None) -> tuple[specs.ResNet, tuple[int, ...]]:
     """The ResNet spec of a torchvision ``IntermediateLayerGetter`` over a ResNet, and the levels
     it returns."""
     return_layers = getattr(body, "return_layers", None)
@@ -115,14 +115,14 @@ def _resnet_spec(body: Any, norm: BatchNormKind | None) -> tuple[specs.ResNet, t
     ):
         raise _unsupported("backbone.body.conv1", "not a ResNet stem (7×7, stride 2, no bias)")
 
-    norm_kinds: set[BatchNormKind] = {
-        _batch_norm_kind(m, f"backbone.body.{name}")
+    norms: set[BatchNormSpec] = {
+        _batch_norm_spec(m, f"backbone.body.{name}")
         for name, m in body.named_modules()
         if name.endswith(("bn1", "bn2", "bn3", "downsample.1"))
     }
-    if len(norm_kinds) != 1:
+    if len(norms) != 1:
         raise _unsupported("backbone.body", "mixes BatchNorm2d and FrozenBatchNorm2d")
-    norm_kind = norm if norm is not None else norm_kinds.pop()
+    norm_spec = norm if norm is not None else norms.pop()
     kind = "basic" if isinstance(body.layer1[0], tv_resnet.BasicBlock) else "bottleneck"
     counts = []
     for name in stage_names:
@@ -148,7 +148,7 @@ def _resnet_spec(body: Any, norm: BatchNormKind | None) -> tuple[specs.ResNet, t
     return (
         specs.ResNet(
             depth=depths[0],  # type: ignore[arg-type]
-            norm=norm_kind,
+            norm=norm_spec,
             frozen_stages=_frozen_stages(body, stage_names),
             out_levels=levels,
             width=width,
@@ -208,30 +208,30 @@ def _fpn_spec(fpn: Any, in_levels: tuple[int, ...], in_channels: tuple[int, ...]
     )
 
 
-def _tower_spec(tower: Any, where: str) -> tuple[int, str, int]:
-    """(num_convs, norm, gn_groups) of a torchvision head tower."""
-    norms = set()
-    groups = 32
+def _tower_spec(tower: Any, where: str) -> tuple[int, specs.GroupNorm | None]:
+    """(num_convs, norm) of a torchvision head tower."""
+    norms: set[specs.GroupNorm | None] = set()
     for i, block in enumerate(tower):
         conv = block[0]
         if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)):
             raise _unsupported(f"{where}.{i}", "not a 3×3 conv block")
         layers = list(block)[1:-1]
+        norm: specs.GroupNorm | None
         if not layers:
-            norms.add("none")
+            norm = None
         elif len(layers) == 1 and isinstance(layers[0], nn.GroupNorm):
             gn = layers[0]
             if gn.eps != _FDET_NORM_EPS or not gn.affine:
                 raise _unsupported(f"{where}.{i}.1", f"group norm with eps {gn.eps} or no affine")
-            norms.add("gn")
-            groups = gn.num_groups
+            norm = specs.GroupNorm(groups=gn.num_groups)
         else:
             raise _unsupported(f"{where}.{i}", f"{[type(m).__name__ for m in layers]} norm layers")
-        if (conv.bias is None) != (norms == {"gn"}):
+        if (conv.bias is None) != (norm is not None):
             raise _unsupported(f"{where}.{i}.0", "conv bias differs from fdet's (bias iff no norm)")
+        norms.add(norm)
     if len(norms) > 1:
-        raise _unsupported(where, "mixes blocks with and without group norm")
-    return len(tower), norms.pop() if norms else "none", groups
+        raise _unsupported(where, f"mixes blocks with different norms: {norms}")
+    return len(tower), norms.pop() if norms else None
 
 
 def _head_spec(head: Any, in_channels: int) -> tuple[specs.RetinaHead, int]:
@@ -242,7 +242,7 @@ def _head_spec(head: Any, in_channels: int) -> tuple[specs.RetinaHead, int]:
     box_tower = _tower_spec(reg_head.conv, "head.regression_head.conv")
     if cls_tower != box_tower:
         raise _unsupported("head", f"towers differ: {cls_tower} and {box_tower}")
-    num_convs, norm, gn_groups = cls_tower
+    num_convs, norm = cls_tower
     channels = cls_head.conv[0][0].out_channels if num_convs else in_channels
     if num_convs and cls_head.conv[0][0].in_channels != in_channels:
         raise _unsupported("head", f"input channels differ from the FPN's {in_channels}")
@@ -252,8 +252,7 @@ def _head_spec(head: Any, in_channels: int) -> tuple[specs.RetinaHead, int]:
         num_classes=cls_head.num_classes,
         num_convs=num_convs,
         channels=channels,
-        norm=norm,  # type: ignore[arg-type]
-        gn_groups=gn_groups,
+        norm=norm,
     )
     return spec, cls_head.num_anchors
 
@@ -321,7 +320,7 @@ def _box_loss_spec(loss_type: str) -> BoxLoss:
 
 
 def spec_from_torchvision(
-    model: nn.Module, *, batch_norm: BatchNormKind | None = None
+    model: nn.Module, *, batch_norm: BatchNormSpec | None = None
 ) -> specs.RetinaNet:
     """The :class:`fdet.specs.RetinaNet` of a torchvision ``RetinaNet`` instance.
 
@@ -332,9 +331,9 @@ def spec_from_torchvision(
     normalization (``input_range=1.0``: torchvision takes float images in ``[0, 1]``).
 
     ``batch_norm``: the backbone norm of the spec; by default that of the model
-    (``BatchNorm2d`` → ``"bn"``, as in torchvision's untrained models; ``FrozenBatchNorm2d`` →
-    ``"frozen_bn"``, as in its pretrained ones). Pass ``"frozen_bn"`` to fine-tune with frozen
-    statistics.
+    (``BatchNorm2d`` → ``specs.BatchNorm()``, as in torchvision's untrained models;
+    ``FrozenBatchNorm2d`` → ``specs.FrozenBatchNorm()``, as in its pretrained ones). Pass
+    ``specs.FrozenBatchNorm()`` to fine-tune with frozen statistics.
 
     Raises:
         UnsupportedModelError: naming the part of the model fdet cannot express (e.g. a
@@ -344,6 +343,11 @@ def spec_from_torchvision(
         raise TypeError(
             f"spec_from_torchvision takes a torchvision.models.detection.RetinaNet, "
             f"got {type(model).__name__}"
+        )
+    if batch_norm is not None and not isinstance(batch_norm, BatchNormSpec):
+        raise TypeError(
+            f"batch_norm must be specs.BatchNorm(), specs.FrozenBatchNorm() or None, "
+            f"got {batch_norm!r}"
         )
     body = getattr(model.backbone, "body", None)
     fpn = getattr(model.backbone, "fpn", None)
@@ -433,7 +437,7 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
     return out
 
 
-def load_torchvision(model: nn.Module, *, batch_norm: BatchNormKind | None = None) -> RetinaNet:
+def load_torchvision(model: nn.Module, *, batch_norm: BatchNormSpec | None = None) -> RetinaNet:
     """An fdet :class:`~fdet.models.RetinaNet` equal to the torchvision RetinaNet ``model``:
     its spec (:func:`spec_from_torchvision`), its weights, its device, dtype and train/eval mode.
 

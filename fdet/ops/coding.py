@@ -15,13 +15,13 @@ result is float32; float64 stays float64.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from fdet.constants import DEFAULT_SCALE_CLIP
 from fdet.ops.boxes import ImageSize, clip_boxes
 
 __all__ = [
@@ -32,9 +32,6 @@ __all__ = [
     "encode_distances",
     "stds_from_weights",
 ]
-
-# The default bound on decoded log-scale deltas: a box at most 1000/16 times its anchor's size.
-DEFAULT_SCALE_CLIP = math.log(1000.0 / 16)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:

@@ -2,20 +2,43 @@
 
 Every spec class is a frozen, keyword-only attrs class validated at construction; every spec
 round-trips through JSON (:func:`to_json`, :func:`from_json`) and loads from spec files
-(:func:`load`).
+(:func:`load`). The abstract bases (:class:`Detector`, :class:`Norm`,
+:class:`ClassificationLoss`, :class:`BoxLoss`, :class:`Warmup`, :class:`Decay`,
+:class:`Optimizer`) are extension points: subclass one and register a builder, and your class
+works in spec files, JSON and ``--set`` overrides like fdet's own (docs/specs.md).
 """
 
-from fdet.specs._core import Spec, SpecError, spec_types
+from fdet.specs._core import Spec, SpecError, concrete_subclasses, spec_types
 from fdet.specs.backbones import ResNet
 from fdet.specs.data import CocoData, ShapesData, Transforms
 from fdet.specs.dense import Anchors, DeltaXYWHCoder, DensePostprocess, MaxIoUAssigner, Normalize
-from fdet.specs.detectors import RetinaNet
+from fdet.specs.detectors import Detector, RetinaNet, check_pyramid, check_strides
 from fdet.specs.heads import RetinaHead
 from fdet.specs.loading import load, load_module
-from fdet.specs.losses import GIoULoss, L1Loss, SigmoidFocalLoss, SmoothL1Loss
+from fdet.specs.losses import (
+    BoxLoss,
+    ClassificationLoss,
+    GIoULoss,
+    L1Loss,
+    SigmoidFocalLoss,
+    SmoothL1Loss,
+)
 from fdet.specs.necks import FPN
+from fdet.specs.norms import BatchNorm, FrozenBatchNorm, GroupNorm, Norm
+from fdet.specs.overrides import apply_overrides, parse_override
+from fdet.specs.schedules import (
+    ConstantDecay,
+    ConstantWarmup,
+    CosineDecay,
+    Decay,
+    LinearWarmup,
+    PolyDecay,
+    Schedule,
+    StepDecay,
+    Warmup,
+)
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
-from fdet.specs.train import EMA, SGD, AdamW, Experiment, ParamGroups, Schedule
+from fdet.specs.train import EMA, SGD, AdamW, Experiment, Optimizer, ParamGroups
 
 __all__ = [
     "EMA",
@@ -24,15 +47,29 @@ __all__ = [
     "SGD",
     "AdamW",
     "Anchors",
+    "BatchNorm",
+    "BoxLoss",
+    "ClassificationLoss",
     "CocoData",
+    "ConstantDecay",
+    "ConstantWarmup",
+    "CosineDecay",
+    "Decay",
     "DeltaXYWHCoder",
     "DensePostprocess",
+    "Detector",
     "Experiment",
+    "FrozenBatchNorm",
     "GIoULoss",
+    "GroupNorm",
     "L1Loss",
+    "LinearWarmup",
     "MaxIoUAssigner",
+    "Norm",
     "Normalize",
+    "Optimizer",
     "ParamGroups",
+    "PolyDecay",
     "ResNet",
     "RetinaHead",
     "RetinaNet",
@@ -42,12 +79,19 @@ __all__ = [
     "SmoothL1Loss",
     "Spec",
     "SpecError",
+    "StepDecay",
     "Transforms",
+    "Warmup",
+    "apply_overrides",
+    "check_pyramid",
+    "check_strides",
+    "concrete_subclasses",
     "format_tree",
     "from_dict",
     "from_json",
     "load",
     "load_module",
+    "parse_override",
     "spec_types",
     "to_dict",
     "to_json",

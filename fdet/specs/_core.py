@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class SpecError(ValueError):
@@ -36,11 +40,15 @@ class SpecError(ValueError):
         return SpecError(self.message, path, source=self.source)
 
 
-class Spec:
-    """Base of all spec classes. Subclasses are ``@attrs.frozen(kw_only=True)`` classes.
+class Spec(metaclass=abc.ABCMeta):  # noqa: B024  (ABCMeta: bases may declare abstract members)
+    """Base of all spec classes. Concrete subclasses are ``@attrs.frozen(kw_only=True)`` classes.
 
     Every subclass is recorded by its class name, which is its tag in JSON. Two different
     classes with the same name are an error, so the JSON form stays unambiguous.
+
+    A subclass that is *not* an attrs class is an abstract base (an extension point such as
+    :class:`fdet.specs.BoxLoss`): a field typed by it holds any of its concrete subclasses,
+    fdet's or yours, chosen in JSON by the ``"type"`` tag. A base cannot be made itself.
     """
 
     __slots__ = ()
@@ -60,10 +68,30 @@ class Spec:
             )
         Spec._types[name] = cls  # attrs replaces the class once (slots): keep the last one
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        if not _is_concrete(cls):
+            choices = ", ".join(sorted(concrete_subclasses(cls))) or "none yet"
+            raise TypeError(
+                f"{cls.__name__} is an abstract spec base; make one of its subclasses "
+                f"(known: {choices})"
+            )
+        return super().__new__(cls)
+
+
+def _is_concrete(cls: type) -> bool:
+    """Whether a spec class is an attrs class (not an abstract base)."""
+    return attrs.has(cls)
+
 
 def spec_types() -> dict[str, type[Spec]]:
-    """Every known spec class by its JSON tag (class name)."""
-    return dict(Spec._types)
+    """Every known concrete spec class by its JSON tag (class name)."""
+    return {name: cls for name, cls in Spec._types.items() if _is_concrete(cls)}
+
+
+def concrete_subclasses(base: type[Spec] | tuple[type[Spec], ...]) -> dict[str, type[Spec]]:
+    """The known concrete spec classes that are subclasses of ``base`` (itself included when it
+    is concrete), by JSON tag. Classes register when their module is imported."""
+    return {name: cls for name, cls in spec_types().items() if issubclass(cls, base)}
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -106,6 +134,26 @@ def one_of(*allowed: object) -> Callable[[object, attrs.Attribute, object], None
             raise SpecError(
                 f"must be one of {', '.join(map(repr, allowed))}; got {value!r}", attribute.name
             )
+
+    return validate
+
+
+def spec_of(
+    base: type[Spec], *, optional: bool = False
+) -> Callable[[object, attrs.Attribute, object], None]:
+    """Validator: the value is an instance of the spec class ``base`` (or None if
+    ``optional``); the message lists the known classes that fit."""
+
+    def validate(_: object, attribute: attrs.Attribute, value: object) -> None:
+        if (value is None and optional) or isinstance(value, base):
+            return
+        choices = ", ".join(sorted(concrete_subclasses(base)))
+        null = " or None" if optional else ""
+        raise SpecError(
+            f"expected a {base.__name__} spec ({choices}, or a subclass of your own){null}, "
+            f"got {value!r}",
+            attribute.name,
+        )
 
     return validate
 

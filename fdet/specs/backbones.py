@@ -4,9 +4,17 @@ from typing import Literal
 
 import attrs
 
-from fdet.specs._core import Spec, SpecError, each, int_tuple, non_empty, one_of, positive
-
-Norm = Literal["frozen_bn", "bn", "gn"]
+from fdet.specs._core import (
+    Spec,
+    SpecError,
+    each,
+    int_tuple,
+    non_empty,
+    one_of,
+    positive,
+    spec_of,
+)
+from fdet.specs.norms import FrozenBatchNorm, Norm
 
 
 @attrs.frozen(kw_only=True)
@@ -16,15 +24,15 @@ class ResNet(Spec):
     Level ``l`` has stride ``2**l``: C2 (stride 4) to C5 (stride 32).
     ``frozen_stages``: -1 trains everything; 0 freezes the stem; ``k`` freezes the stem and the
     first ``k`` residual stages (torchvision's ``trainable_layers=3`` is ``frozen_stages=1``).
-    ``norm``: ``frozen_bn`` (statistics and affine fixed), ``bn`` (trainable batch norm), or
-    ``gn`` (group norm with ``gn_groups`` groups).
+    ``norm``: the norm after every conv: :class:`FrozenBatchNorm` (statistics and affine
+    fixed), :class:`BatchNorm`, :class:`GroupNorm` (its groups must divide ``width``) or a
+    :class:`Norm` of your own.
     """
 
     depth: Literal[18, 34, 50, 101, 152] = attrs.field(
         default=50, validator=one_of(18, 34, 50, 101, 152)
     )
-    norm: Norm = attrs.field(default="frozen_bn", validator=one_of("frozen_bn", "bn", "gn"))
-    gn_groups: int = attrs.field(default=32, validator=positive)
+    norm: Norm = attrs.field(default=FrozenBatchNorm(), validator=spec_of(Norm))
     frozen_stages: int = 1
     out_levels: tuple[int, ...] = attrs.field(
         default=(2, 3, 4, 5), converter=int_tuple, validator=[non_empty, each(positive)]
@@ -41,10 +49,11 @@ class ResNet(Spec):
             raise SpecError(
                 f"must be increasing levels within 2..5, got {self.out_levels}", "out_levels"
             )
-        if self.norm == "gn" and self.width % self.gn_groups:
-            raise SpecError(
-                f"{self.gn_groups} groups do not divide the stem width {self.width}", "gn_groups"
-            )
+        # every conv's channel count is the stem width times a power of two
+        try:
+            self.norm.check_channels(self.width, "the stem width")
+        except SpecError as e:
+            raise e.under("norm") from None
 
     @property
     def out_channels(self) -> tuple[int, ...]:

@@ -1,9 +1,8 @@
 """Specs of the dense-prediction pieces: anchors, assigners, box coders, postprocessing."""
 
-import math
-
 import attrs
 
+from fdet.constants import DEFAULT_SCALE_CLIP
 from fdet.specs._core import (
     Spec,
     SpecError,
@@ -69,12 +68,15 @@ class MaxIoUAssigner(Spec):
     IoU >= ``pos_iou``: positive; < ``neg_iou``: negative; in between: ignored. With
     ``low_quality_matches`` each ground truth also claims the anchors that overlap it best (if
     that IoU exceeds ``min_low_quality_iou``), so no object goes without a positive.
+    ``crowd_ioa``: an anchor whose area lies more than this fraction inside a crowd region is
+    ignored.
     """
 
     pos_iou: float = attrs.field(default=0.5, validator=probability)
     neg_iou: float = attrs.field(default=0.4, validator=probability)
     low_quality_matches: bool = True
     min_low_quality_iou: float = attrs.field(default=0.0, validator=probability)
+    crowd_ioa: float = attrs.field(default=0.5, validator=probability)
 
     def __attrs_post_init__(self) -> None:
         if self.neg_iou > self.pos_iou:
@@ -92,7 +94,7 @@ class DeltaXYWHCoder(Spec):
     stds: tuple[float, ...] = attrs.field(
         default=(1.0, 1.0, 1.0, 1.0), converter=float_tuple, validator=[length(4), each(positive)]
     )
-    clip: float | None = attrs.field(default=math.log(1000.0 / 16), validator=finite)
+    clip: float | None = attrs.field(default=DEFAULT_SCALE_CLIP, validator=finite)
 
 
 @attrs.frozen(kw_only=True)

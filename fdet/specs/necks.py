@@ -4,7 +4,8 @@ from typing import Literal
 
 import attrs
 
-from fdet.specs._core import Spec, SpecError, each, int_tuple, non_empty, one_of, positive
+from fdet.specs._core import Spec, SpecError, each, int_tuple, non_empty, one_of, positive, spec_of
+from fdet.specs.norms import Norm
 
 
 @attrs.frozen(kw_only=True)
@@ -15,6 +16,9 @@ class FPN(Spec):
     ``extra_from``: the first extra level is computed from the pyramid's top output (``p5``,
     torchvision's RetinaNet) or from the backbone's top input (``c5``, the RetinaNet paper and
     torchvision's v2). ``extra_relu`` puts a ReLU before every extra conv but the first.
+    ``norm``: a norm after the lateral and output convs (which then have no bias), e.g.
+    ``GroupNorm(groups=32)``; None (the default) keeps plain convs with bias. Extra convs never
+    have a norm.
     """
 
     in_levels: tuple[int, ...] = attrs.field(
@@ -26,9 +30,7 @@ class FPN(Spec):
     channels: int = attrs.field(default=256, validator=positive)
     extra_from: Literal["p5", "c5"] = attrs.field(default="p5", validator=one_of("p5", "c5"))
     extra_relu: bool = True
-    norm: Literal["none", "bn", "gn"] = attrs.field(
-        default="none", validator=one_of("none", "bn", "gn")
-    )
+    norm: Norm | None = attrs.field(default=None, validator=spec_of(Norm, optional=True))
 
     def __attrs_post_init__(self) -> None:
         for name in ("in_levels", "out_levels"):
@@ -40,6 +42,11 @@ class FPN(Spec):
                 f"must start within in_levels {self.in_levels}, got {self.out_levels}",
                 "out_levels",
             )
+        if self.norm is not None:
+            try:
+                self.norm.check_channels(self.channels, "the pyramid's channels")
+            except SpecError as e:
+                raise e.under("norm") from None
 
     @property
     def extra_levels(self) -> tuple[int, ...]:

@@ -1,9 +1,11 @@
 """Specs to JSON and back, with cattrs.
 
-The JSON form is an envelope ``{"schema_version": 1, "spec": {...}}`` whose spec objects carry
-their class name under ``"type"``. Reading is strict: an unknown or misspelled key, a value of
-the wrong type, a missing required field or an impossible value is a :class:`SpecError` whose
-path names the place (``head.num_clases``) and, for keys, lists the allowed ones.
+The JSON form is an envelope ``{"schema_version": 2, "spec": {...}}`` whose spec objects carry
+their class name under ``"type"``; a field typed by an abstract base (``box_loss: BoxLoss``)
+takes any imported concrete subclass by that tag. Reading is strict: an unknown or misspelled
+key, a value of the wrong type, a missing required field or an impossible value is a
+:class:`SpecError` whose path names the place (``head.num_clases``) and, for keys, lists the
+allowed ones. Files of an older ``schema_version`` are migrated first (:mod:`fdet.specs.migrate`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import attrs
 import cattrs
 
-from fdet.specs._core import Spec, SpecError, spec_types
-
-SCHEMA_VERSION = 1
-"""Version of the JSON layout. Files with a newer version are refused with a clear message."""
+from fdet.specs._core import Spec, SpecError, concrete_subclasses
+from fdet.specs.migrate import SCHEMA_VERSION, migrate
 
 S = TypeVar("S", bound=Spec)
 
@@ -145,6 +145,11 @@ def _is_spec(t: Any) -> bool:
     return isinstance(t, type) and issubclass(t, Spec) and attrs.has(t)
 
 
+def _is_spec_base(t: Any) -> bool:
+    """An abstract spec base (``BoxLoss``): any concrete subclass, chosen by ``"type"``."""
+    return isinstance(t, type) and issubclass(t, Spec) and not attrs.has(t)
+
+
 _FIELDS: dict[type, tuple[attrs.Attribute, ...]] = {}
 
 
@@ -156,17 +161,28 @@ def _fields(cls: type) -> tuple[attrs.Attribute, ...]:
     return _FIELDS[cls]
 
 
+def _choices(allowed: tuple[type, ...]) -> str:
+    if Spec in allowed:
+        return "a spec class name (see fdet.specs.spec_types())"
+    names = ", ".join(sorted(concrete_subclasses(allowed)))
+    return names or f"no {' or '.join(c.__name__ for c in allowed)} class is imported"
+
+
 def _structure_tagged(value: Any, allowed: tuple[type, ...]) -> Spec:
-    """A spec object whose class is named by its ``"type"`` key, among ``allowed`` classes."""
+    """A spec object whose class is named by its ``"type"`` key: a concrete subclass of one of
+    ``allowed`` (fdet's, or one of your own that has been imported)."""
     if not isinstance(value, dict):
         raise SpecError(f"expected an object, got {_describe(value)}")
-    names = ", ".join(sorted(c.__name__ for c in allowed))
     tag = value.get("type")
     if tag is None:
-        raise SpecError(f'needs a "type" key, one of: {names}')
-    cls = spec_types().get(tag) if isinstance(tag, str) else None
-    if cls is None or not issubclass(cls, allowed):
-        raise SpecError(f"unknown type {json.dumps(tag)}; expected one of: {names}", "type")
+        raise SpecError(f'needs a "type" key, one of: {_choices(allowed)}')
+    cls = concrete_subclasses(allowed).get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise SpecError(
+            f"unknown type {json.dumps(tag)}; expected one of: {_choices(allowed)} (a spec class "
+            f"of your own must be imported first: fdet's commands take --import MODULE)",
+            "type",
+        )
     return _structure_spec(value, cls)
 
 
@@ -210,6 +226,9 @@ _converter.register_structure_hook_factory(_is_union, _union_hook)
 _converter.register_structure_hook_factory(
     _is_spec, lambda cls: lambda value, _: _structure_spec(value, cls)
 )
+_converter.register_structure_hook_factory(
+    _is_spec_base, lambda cls: lambda value, _: _structure_tagged(value, (cls,))
+)
 
 
 # --- unstructure ----------------------------------------------------------------------------------
@@ -247,7 +266,8 @@ def to_json(spec: Spec, *, indent: int | None = 2) -> str:
 
 
 def from_dict(data: Any, expected: type[S] | None = None, *, source: str = "") -> S:
-    """Read an envelope made by :func:`to_dict`; ``expected`` checks the root spec's class."""
+    """Read an envelope made by :func:`to_dict` (by this fdet, or by an older one: its spec is
+    migrated to :data:`SCHEMA_VERSION` first); ``expected`` checks the root spec's class."""
     where = f"{source}: " if source else ""
     if not isinstance(data, dict):
         raise SpecError(f"{where}expected a JSON object at the top, got {_describe(data)}")
@@ -269,9 +289,14 @@ def from_dict(data: Any, expected: type[S] | None = None, *, source: str = "") -
     if "spec" not in data:
         raise SpecError(f'{where}missing "spec"')
     try:
-        spec = _structure_tagged(data["spec"], (expected or Spec,))
+        tree = migrate(data["spec"], version)
     except SpecError as e:
-        raise SpecError(e.message, e.path, source=source) from None
+        raise SpecError(f"{e.message} (schema_version {version})", e.path, source=source) from None
+    try:
+        spec = _structure_tagged(tree, (expected or Spec,))
+    except SpecError as e:
+        note = "" if version == SCHEMA_VERSION else f" (read as schema_version {SCHEMA_VERSION})"
+        raise SpecError(e.message + note, e.path, source=source) from None
     return typing.cast(S, spec)
 
 

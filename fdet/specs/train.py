@@ -1,4 +1,4 @@
-"""Training specs: optimizers, schedules, and the experiment root."""
+"""Training specs: optimizers, parameter groups, EMA, and the experiment root."""
 
 from typing import Literal
 
@@ -7,15 +7,16 @@ import attrs
 from fdet.specs._core import (
     Spec,
     SpecError,
-    each,
     float_tuple,
     non_negative,
     one_of,
     positive,
     probability,
+    spec_of,
 )
 from fdet.specs.data import CocoData, ShapesData, Transforms
-from fdet.specs.detectors import RetinaNet
+from fdet.specs.detectors import Detector
+from fdet.specs.schedules import Schedule
 
 
 @attrs.frozen(kw_only=True)
@@ -28,8 +29,19 @@ class ParamGroups(Spec):
     backbone_lr_mult: float = attrs.field(default=1.0, validator=non_negative)
 
 
+class Optimizer(Spec):
+    """Base of optimizer specs (abstract: make a subclass). Every subclass has ``lr`` (the peak
+    learning rate, after warm-up) and ``weight_decay`` fields; its builder, registered with
+    :func:`fdet.register`, is ``fn(spec, *, params: list[dict]) -> torch.optim.Optimizer`` over
+    parameter groups that already carry their ``lr`` and ``weight_decay``."""
+
+    __slots__ = ()
+    lr: float
+    weight_decay: float
+
+
 @attrs.frozen(kw_only=True)
-class SGD(Spec):
+class SGD(Optimizer):
     """SGD with momentum; ``lr`` is the peak learning rate (after warm-up)."""
 
     lr: float = attrs.field(default=0.01, validator=positive)
@@ -39,7 +51,7 @@ class SGD(Spec):
 
 
 @attrs.frozen(kw_only=True)
-class AdamW(Spec):
+class AdamW(Optimizer):
     """AdamW; ``lr`` is the peak learning rate (after warm-up)."""
 
     lr: float = attrs.field(default=1e-4, validator=positive)
@@ -50,41 +62,6 @@ class AdamW(Spec):
     def __attrs_post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise SpecError(f"must be two values in [0, 1), got {self.betas}", "betas")
-
-
-@attrs.frozen(kw_only=True)
-class Schedule(Spec):
-    """Learning rate over iterations: a warm-up, then a decay.
-
-    Warm-up: ``warmup_iters`` iterations from ``warmup_factor × lr`` to ``lr``, linearly
-    (``warmup="linear"``) or at the constant ``warmup_factor × lr`` (``"constant"``).
-    Decay: ``"step"`` multiplies by ``gamma`` at each fraction of training in ``milestones``;
-    ``"cosine"`` anneals to ``min_factor × lr``; ``"poly"`` decays as
-    ``(1 - progress) ** power`` down to ``min_factor``; ``"flat"`` keeps ``lr``.
-    """
-
-    kind: Literal["step", "cosine", "poly", "flat"] = attrs.field(default="step")
-    warmup: Literal["linear", "constant", "none"] = attrs.field(default="linear")
-    warmup_iters: int = attrs.field(default=500, validator=non_negative)
-    warmup_factor: float = attrs.field(default=0.001, validator=probability)
-    milestones: tuple[float, ...] = attrs.field(
-        default=(8 / 12, 11 / 12), converter=float_tuple, validator=each(probability)
-    )
-    gamma: float = attrs.field(default=0.1, validator=positive)
-    min_factor: float = attrs.field(default=0.0, validator=probability)
-    power: float = attrs.field(default=1.0, validator=positive)
-
-    def __attrs_post_init__(self) -> None:
-        if self.kind not in ("step", "cosine", "poly", "flat"):
-            raise SpecError(
-                f"must be 'step', 'cosine', 'poly' or 'flat'; got {self.kind!r}", "kind"
-            )
-        if self.warmup not in ("linear", "constant", "none"):
-            raise SpecError(
-                f"must be 'linear', 'constant' or 'none'; got {self.warmup!r}", "warmup"
-            )
-        if list(self.milestones) != sorted(self.milestones):
-            raise SpecError(f"must be increasing, got {self.milestones}", "milestones")
 
 
 @attrs.frozen(kw_only=True)
@@ -101,6 +78,8 @@ class EMA(Spec):
 class Experiment(Spec):
     """A whole training run: the model, its data, and how to train it.
 
+    ``model``: any :class:`Detector` (``RetinaNet``, or one of your own); ``optimizer``: any
+    :class:`Optimizer` (``SGD``, ``AdamW``, …); ``schedule``: a warm-up and a decay.
     ``iterations`` optimizer steps of ``batch_size`` images a process, accumulated over
     ``accumulate`` micro-batches of ``batch_size / accumulate``; validation (COCO AP and loss)
     every ``eval_interval`` iterations (0: only at the end) on at most ``eval_images`` images
@@ -110,17 +89,17 @@ class Experiment(Spec):
     ``precision``: ``fp32``, ``bf16`` autocast (CPU or CUDA) or ``fp16`` autocast with a gradient
     scaler (CUDA only); losses and box coding stay in float32. ``base_batch_size``: when set, the
     learning rate is scaled by (total batch over all processes) / ``base_batch_size``.
-    ``compile``: ``"objective"`` compiles the loss and the postprocess (cheap, and what pays on
-    CPU), ``"model"`` also the network, ``"none"`` nothing. ``deterministic``: deterministic
+    ``compile``: ``"objective"`` compiles the loss function only (cheap, and what pays on CPU),
+    ``"model"`` also the network, ``"none"`` nothing. ``deterministic``: deterministic
     algorithms, for bit-identical resumes. ``early_stopping``: stop after that many evaluations
     without a better AP (0: never).
     """
 
-    model: RetinaNet
+    model: Detector = attrs.field(validator=spec_of(Detector))
     data: ShapesData | CocoData = ShapesData()
     train_transforms: Transforms = Transforms(hflip_prob=0.5)
     val_transforms: Transforms = Transforms()
-    optimizer: SGD | AdamW = SGD()
+    optimizer: Optimizer = attrs.field(default=SGD(), validator=spec_of(Optimizer))
     schedule: Schedule = Schedule()
     batch_size: int = attrs.field(default=16, validator=positive)
     iterations: int = attrs.field(default=90_000, validator=positive)
@@ -155,8 +134,9 @@ class Experiment(Spec):
             raise SpecError(f"must be > 0 or null, got {self.base_batch_size}", "base_batch_size")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             raise SpecError(f"must be > 0 or null, got {self.grad_clip_norm}", "grad_clip_norm")
-        if self.schedule.warmup_iters > self.iterations:
+        warmup = self.schedule.warmup
+        if warmup is not None and warmup.iters > self.iterations:
             raise SpecError(
-                f"({self.schedule.warmup_iters}) must not exceed iterations ({self.iterations})",
-                "schedule.warmup_iters",
+                f"({warmup.iters}) must not exceed iterations ({self.iterations})",
+                "schedule.warmup.iters",
             )

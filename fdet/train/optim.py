@@ -1,4 +1,4 @@
-"""Optimizers from their specs, with parameter groups."""
+"""Optimizers from their specs (through the registry), with parameter groups."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fdet import specs
+from fdet.registry import build, register
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -48,14 +49,26 @@ def parameter_groups(
 
 
 def build_optimizer(
-    spec: specs.SGD | specs.AdamW, model: nn.Module, options: specs.ParamGroups | None = None
+    spec: specs.Optimizer, model: nn.Module, options: specs.ParamGroups | None = None
 ) -> torch.optim.Optimizer:
     """The optimizer of ``spec`` over ``model``'s parameter groups; each group's ``lr`` is the
-    spec's peak rate times its ``lr_mult``."""
+    spec's peak rate times its ``lr_mult``. The optimizer comes from the builder registered for
+    the spec's class: ``fn(spec, *, params: list[dict]) -> torch.optim.Optimizer``."""
     groups = parameter_groups(model, weight_decay=spec.weight_decay, options=options)
     for g in groups:
         g["lr"] = spec.lr * g["lr_mult"]
-    if isinstance(spec, specs.SGD):
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    return build(spec, params=groups)
+
+
+@register(specs.SGD)
+def build_sgd(spec: specs.SGD, *, params: list[dict]) -> torch.optim.SGD:
+    """``torch.optim.SGD`` over ``params`` (groups carrying their ``lr`` and ``weight_decay``)."""
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+
+
+@register(specs.AdamW)
+def build_adamw(spec: specs.AdamW, *, params: list[dict]) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``params`` (groups carrying their ``lr`` and
+    ``weight_decay``)."""
     beta1, beta2 = spec.betas
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(beta1, beta2), eps=spec.eps)
+    return torch.optim.AdamW(params, lr=spec.lr, betas=(beta1, beta2), eps=spec.eps)

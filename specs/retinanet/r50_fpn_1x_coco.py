@@ -7,7 +7,9 @@ The architecture, anchors, assignment, losses and postprocess of torchvision's
 from fdet import specs
 
 MODEL = specs.RetinaNet(
-    backbone=specs.ResNet(depth=50, norm="frozen_bn", frozen_stages=1, out_levels=(3, 4, 5)),
+    backbone=specs.ResNet(
+        depth=50, norm=specs.FrozenBatchNorm(), frozen_stages=1, out_levels=(3, 4, 5)
+    ),
     neck=specs.FPN(in_levels=(3, 4, 5), out_levels=(3, 4, 5, 6, 7), channels=256, extra_from="p5"),
     head=specs.RetinaHead(num_classes=80, num_convs=4, channels=256, prior_prob=0.01),
     anchors=specs.Anchors(
@@ -43,12 +45,8 @@ EXPERIMENT = specs.Experiment(
     val_transforms=specs.Transforms(min_size=(800,), max_size=1333),
     optimizer=specs.SGD(lr=0.01, momentum=0.9, weight_decay=1e-4),
     schedule=specs.Schedule(
-        kind="step",
-        warmup="linear",
-        warmup_iters=500,
-        warmup_factor=0.001,
-        milestones=(8 / 12, 11 / 12),
-        gamma=0.1,
+        warmup=specs.LinearWarmup(iters=500, factor=0.001),
+        decay=specs.StepDecay(milestones=(8 / 12, 11 / 12), gamma=0.1),
     ),
     batch_size=16,
     iterations=90_000,

@@ -15,7 +15,7 @@ BASE = load_module(Path(__file__).with_name("r50_fpn_1x_coco.py"))
 MODEL = attrs.evolve(
     BASE.MODEL,
     neck=attrs.evolve(BASE.MODEL.neck, extra_from="c5"),
-    head=attrs.evolve(BASE.MODEL.head, norm="gn", gn_groups=32),
+    head=attrs.evolve(BASE.MODEL.head, norm=specs.GroupNorm(groups=32)),
     box_loss=specs.GIoULoss(),
 )
 

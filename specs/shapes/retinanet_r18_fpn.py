@@ -11,10 +11,10 @@ from fdet import specs
 NUM_CLASSES = 6
 
 MODEL = specs.RetinaNet(
-    backbone=specs.ResNet(depth=18, norm="bn", frozen_stages=-1, out_levels=(3, 4, 5)),
+    backbone=specs.ResNet(depth=18, norm=specs.BatchNorm(), frozen_stages=-1, out_levels=(3, 4, 5)),
     neck=specs.FPN(in_levels=(3, 4, 5), out_levels=(3, 4, 5), channels=64),
     head=specs.RetinaHead(
-        num_classes=NUM_CLASSES, num_convs=2, channels=64, norm="gn", gn_groups=16
+        num_classes=NUM_CLASSES, num_convs=2, channels=64, norm=specs.GroupNorm(groups=16)
     ),
     anchors=specs.Anchors(
         strides=(8, 16, 32),
@@ -39,7 +39,9 @@ EXPERIMENT = specs.Experiment(
     ),
     val_transforms=specs.Transforms(min_size=(128,), max_size=128, pad_divisor=32),
     optimizer=specs.AdamW(lr=1e-3, weight_decay=0.05),
-    schedule=specs.Schedule(kind="cosine", warmup="linear", warmup_iters=200, warmup_factor=0.01),
+    schedule=specs.Schedule(
+        warmup=specs.LinearWarmup(iters=200, factor=0.01), decay=specs.CosineDecay()
+    ),
     batch_size=16,
     iterations=3000,
     eval_interval=500,

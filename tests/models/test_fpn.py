@@ -75,16 +75,16 @@ def test_matches_torchvision_p6p7(extra_from: str, height: int, width: int) -> N
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn"])
-def test_matches_torchvision_with_norm(norm: str) -> None:
+@pytest.mark.parametrize("norm", [specs.BatchNorm(), specs.GroupNorm(groups=8)], ids=repr)
+def test_matches_torchvision_with_norm(norm: specs.Norm) -> None:
     torch.manual_seed(1)
-    norm_layer = nn.BatchNorm2d if norm == "bn" else (lambda c: nn.GroupNorm(8, c))
+    norm_layer = nn.BatchNorm2d if norm == specs.BatchNorm() else (lambda c: nn.GroupNorm(8, c))
     tv = FeaturePyramidNetwork(
         list(CHANNELS), 32, extra_blocks=LastLevelP6P7(32, 32), norm_layer=norm_layer
     ).eval()
     randomize_norms(tv)
     randomize_biases(tv)
-    ours = FPN(CHANNELS, channels=32, norm=norm, gn_groups=8).eval()  # type: ignore[arg-type]
+    ours = FPN(CHANNELS, channels=32, norm=norm).eval()
     ours.load_state_dict(tv.state_dict(), strict=True)
     assert all(block[0].bias is None for block in [*ours.inner_blocks, *ours.layer_blocks])
 
@@ -185,7 +185,7 @@ def test_input_levels_take_the_backbone_output_whole() -> None:
         (CHANNELS, {"in_levels": (3, 5)}, "consecutive"),
         (CHANNELS, {"out_levels": (6, 7)}, "start within"),
         (CHANNELS, {"out_levels": (2, 3)}, "start within"),
-        (CHANNELS, {"norm": "gn", "channels": 20}, "groups"),
+        (CHANNELS, {"norm": specs.GroupNorm(), "channels": 20}, "32 groups do not divide 20"),
         (CHANNELS, {"extra_from": "p4"}, "extra_from"),
     ],
 )
@@ -208,7 +208,7 @@ def test_retinanet_backbone_end_to_end(tv_builder, neck_spec: specs.FPN) -> None
     randomize_norms(tv)
     randomize_biases(tv.fpn)
 
-    backbone_spec = specs.ResNet(depth=50, norm="bn", frozen_stages=-1)
+    backbone_spec = specs.ResNet(depth=50, norm=specs.BatchNorm(), frozen_stages=-1)
     backbone = fdet.build(backbone_spec).eval()
     neck = fdet.build(
         neck_spec, in_channels=backbone_spec.out_channels, input_levels=backbone_spec.out_levels
@@ -234,7 +234,7 @@ def test_retinanet_backbone_end_to_end(tv_builder, neck_spec: specs.FPN) -> None
 
 def test_backbone_and_neck_capture_as_one_graph() -> None:
     torch.manual_seed(0)
-    backbone = ResNet(depth=18, norm="bn", frozen_stages=1).eval()
+    backbone = ResNet(depth=18, norm=specs.BatchNorm(), frozen_stages=1).eval()
     neck = FPN(backbone.out_channels, input_levels=backbone.out_levels, extra_from="c5")
 
     def forward(images: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import attrs
 import pytest
 import torch
@@ -43,10 +46,10 @@ def test_build_fpn_from_spec() -> None:
 
 
 def test_backbone_spec_feeds_neck_spec() -> None:
-    backbone_spec = specs.ResNet(depth=18, width=16, gn_groups=8, norm="gn")
+    backbone_spec = specs.ResNet(depth=18, width=16, norm=specs.GroupNorm(groups=8))
     backbone = fdet.build(backbone_spec)
     neck = fdet.build(
-        specs.FPN(channels=32, norm="gn"),
+        specs.FPN(channels=32, norm=specs.GroupNorm()),
         in_channels=backbone_spec.out_channels,
         input_levels=backbone_spec.out_levels,
     )
@@ -100,3 +103,35 @@ def test_second_builder_for_a_spec_type_is_an_error() -> None:
 def test_builtin_builders_are_registered() -> None:
     builders = registered()
     assert specs.ResNet in builders and specs.FPN in builders
+    # every concrete fdet spec class under an extension point builds through the registry
+    for base in (specs.Norm, specs.Warmup, specs.Decay, specs.Optimizer):
+        for cls in specs.concrete_subclasses(base).values():
+            if cls.__module__.startswith("fdet."):
+                assert cls in builders, cls
+
+
+def test_builtin_builders_need_no_import_of_their_modules() -> None:
+    """``build`` imports fdet's builder modules itself (a fresh interpreter imports only
+    ``fdet``)."""
+    code = (
+        "import sys\n"
+        "from fdet import build, specs\n"
+        "assert 'fdet.train.schedule' not in sys.modules\n"
+        "assert build(specs.CosineDecay())(50, 100) == 0.5\n"
+        "assert build(specs.LinearWarmup(iters=10, factor=0.0))(5) == 0.5\n"
+        "print(type(build(specs.GroupNorm(groups=2), channels=4)).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "GroupNorm"
+
+
+def test_norm_specs_build_layers() -> None:
+    assert isinstance(fdet.build(specs.BatchNorm(), channels=4), torch.nn.BatchNorm2d)
+    frozen = fdet.build(specs.FrozenBatchNorm(), channels=4)
+    assert type(frozen).__name__ == "FrozenBatchNorm2d" and not list(frozen.parameters())
+    gn = fdet.build(specs.GroupNorm(groups=2), channels=6)
+    assert isinstance(gn, torch.nn.GroupNorm) and gn.num_groups == 2
+    with pytest.raises(ValueError, match="4 groups do not divide 6 channels"):
+        fdet.build(specs.GroupNorm(groups=4), channels=6)

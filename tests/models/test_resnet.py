@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import pytest
 import torch
 import torchvision
@@ -7,8 +10,10 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
+import fdet
 from fdet import specs
 from fdet.models import ResNet
+from fdet.specs import SpecError
 
 TV_RESNETS = {
     18: torchvision.models.resnet18,
@@ -42,13 +47,13 @@ def tv_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("depth", [18, 50])
-@pytest.mark.parametrize("norm", ["frozen_bn", "bn"])
-def test_matches_torchvision_layer_by_layer(depth: int, norm: str) -> None:
+@pytest.mark.parametrize("norm", [specs.FrozenBatchNorm(), specs.BatchNorm()], ids=repr)
+def test_matches_torchvision_layer_by_layer(depth: int, norm: specs.Norm) -> None:
     torch.manual_seed(depth)
-    norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
+    norm_layer = FrozenBatchNorm2d if norm == specs.FrozenBatchNorm() else nn.BatchNorm2d
     tv = TV_RESNETS[depth](norm_layer=norm_layer).eval()
     randomize_norms(tv)
-    ours = ResNet(depth=depth, norm=norm, frozen_stages=-1).eval()  # type: ignore[arg-type]
+    ours = ResNet(depth=depth, norm=norm, frozen_stages=-1).eval()
     ours.load_state_dict(tv_state(tv), strict=True)
 
     images = torch.randn(2, 3, 64, 80)
@@ -63,7 +68,7 @@ def test_matches_torchvision_layer_by_layer(depth: int, norm: str) -> None:
 
 def test_state_dict_names_equal_torchvision_less_fc() -> None:
     tv = torchvision.models.resnet50()
-    ours = ResNet(depth=50, norm="bn")
+    ours = ResNet(depth=50, norm=specs.BatchNorm())
     assert list(ours.state_dict()) == list(tv_state(tv))
 
 
@@ -72,7 +77,7 @@ def test_every_depth_has_torchvision_parameters(depth: int) -> None:
     tv_model = TV_RESNETS[depth]()
     expected = {k: v.shape for k, v in tv_model.named_parameters() if not k.startswith("fc.")}
     del tv_model
-    ours = ResNet(depth=depth, norm="bn", frozen_stages=-1)
+    ours = ResNet(depth=depth, norm=specs.BatchNorm(), frozen_stages=-1)
     got = {k: v.shape for k, v in ours.named_parameters()}
     assert got == expected
     assert sum(p.numel() for p in ours.parameters()) == sum(s.numel() for s in expected.values())
@@ -93,9 +98,9 @@ def test_odd_sizes_halve_rounding_up(height: int, width: int) -> None:
 @pytest.mark.parametrize("out_levels", [(3,), (2, 4), (3, 4, 5), (5,)])
 def test_out_levels_select_and_drop_unused_stages(out_levels: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    full = ResNet(depth=18, norm="bn").eval()
+    full = ResNet(depth=18, norm=specs.BatchNorm()).eval()
     randomize_norms(full)
-    part = ResNet(depth=18, norm="bn", out_levels=out_levels).eval()
+    part = ResNet(depth=18, norm=specs.BatchNorm(), out_levels=out_levels).eval()
     built = {f"layer{i}" for i in range(1, max(out_levels))}
     assert {name.split(".")[0] for name, _ in part.named_children()} == {"conv1", "bn1"} | built
     part.load_state_dict(
@@ -116,7 +121,7 @@ def test_out_levels_select_and_drop_unused_stages(out_levels: tuple[int, ...]) -
 def test_out_channels_match_spec_and_maps(
     depth: int, width: int, out_levels: tuple[int, ...]
 ) -> None:
-    spec = specs.ResNet(depth=depth, width=width, out_levels=out_levels, gn_groups=8)  # type: ignore[arg-type]
+    spec = specs.ResNet(depth=depth, width=width, out_levels=out_levels)  # type: ignore[arg-type]
     model = ResNet(depth=depth, width=width, out_levels=out_levels)
     assert model.out_channels == spec.out_channels
     assert model.out_levels == out_levels
@@ -134,7 +139,7 @@ def _stage_of(name: str) -> int:
 @pytest.mark.parametrize("frozen_stages", [-1, 0, 1, 3, 4])
 def test_frozen_stages_do_not_train(frozen_stages: int) -> None:
     torch.manual_seed(0)
-    model = ResNet(depth=18, norm="bn", frozen_stages=frozen_stages)
+    model = ResNet(depth=18, norm=specs.BatchNorm(), frozen_stages=frozen_stages)
     model.eval()
     model.train()  # frozen parts must stay in eval mode across mode switches
     assert model.training
@@ -162,15 +167,16 @@ def test_frozen_stages_do_not_train(frozen_stages: int) -> None:
 
 
 def test_frozen_bn_trains_only_convs() -> None:
-    model = ResNet(depth=18, norm="frozen_bn", frozen_stages=-1)
+    model = ResNet(depth=18, norm=specs.FrozenBatchNorm(), frozen_stages=-1)
     owners = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
     assert owners == {nn.Conv2d}
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 1 + 4 * 4 + 3
 
 
-def test_group_norm() -> None:
+@pytest.mark.parametrize("norm", [specs.GroupNorm(groups=8), partial(nn.GroupNorm, 8)], ids=repr)
+def test_group_norm(norm: specs.Norm | Callable[[int], nn.Module]) -> None:
     torch.manual_seed(0)
-    model = ResNet(depth=50, norm="gn", gn_groups=8, width=16, frozen_stages=-1)
+    model = ResNet(depth=50, norm=norm, width=16, frozen_stages=-1)
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all(m.num_groups == 8 for m in norms)
     assert not any(isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d) for m in model.modules())
@@ -178,12 +184,24 @@ def test_group_norm() -> None:
     assert [f.shape[1] for f in feats] == [64, 128, 256, 512]
     sum(f.mean() for f in feats).backward()  # type: ignore[union-attr]
     assert all(p.grad is not None for p in model.parameters())
-    with pytest.raises(ValueError, match="groups"):
-        ResNet(depth=18, norm="gn", gn_groups=5)
+    with pytest.raises(ValueError, match="5 groups do not divide 64 channels"):
+        ResNet(depth=18, norm=specs.GroupNorm(groups=5))
+    with pytest.raises(SpecError) as info:
+        specs.ResNet(depth=18, norm=specs.GroupNorm(groups=5))
+    assert info.value.path == "norm.groups" and "the stem width (64 channels)" in str(info.value)
+
+
+def test_spec_and_factory_norms_build_the_same_layers() -> None:
+    from_spec = ResNet(depth=18, norm=specs.BatchNorm(), out_levels=(3,))
+    from_factory = ResNet(depth=18, norm=nn.BatchNorm2d, out_levels=(3,))
+    assert [type(m) for m in from_spec.modules()] == [type(m) for m in from_factory.modules()]
+    assert (
+        fdet.build(specs.ResNet(depth=18, norm=specs.BatchNorm())).bn1.__class__ is nn.BatchNorm2d
+    )
 
 
 def test_zero_init_residual_makes_blocks_identity_plus_relu() -> None:
-    model = ResNet(depth=50, norm="bn", zero_init_residual=True).eval()
+    model = ResNet(depth=50, norm=specs.BatchNorm(), zero_init_residual=True).eval()
     tv = torchvision.models.resnet50(zero_init_residual=True)
     zeros = {k for k, v in tv_state(tv).items() if k.endswith("weight") and not v.any()}
     ours = {k for k, v in model.state_dict().items() if k.endswith("weight") and not v.any()}
@@ -203,9 +221,15 @@ def test_zero_init_residual_makes_blocks_identity_plus_relu() -> None:
         ({"out_levels": (4, 3)}, "out_levels"),
         ({"out_levels": ()}, "out_levels"),
         ({"frozen_stages": 5}, "frozen_stages"),
-        ({"norm": "ln"}, "norm"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ResNet(**kwargs)
+
+
+def test_norm_must_be_a_norm_spec_or_a_factory() -> None:
+    with pytest.raises(TypeError, match=r"norm must be a specs\.Norm spec or a callable"):
+        ResNet(norm="bn")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"norm must be a specs\.Norm spec, got a FPN"):
+        ResNet(norm=specs.FPN())  # type: ignore[arg-type]

@@ -53,8 +53,16 @@ def _strategy_for(t: Any) -> st.SearchStrategy[Any]:
     if t is type(None):
         return st.none()
     if isinstance(t, type) and issubclass(t, Spec):
-        return spec_instances(t)
+        if attrs.has(t):
+            return spec_instances(t)
+        # an abstract base: any of fdet's classes under it
+        return st.one_of(*(spec_instances(c) for c in _fdet_subclasses(t)))
     raise NotImplementedError(t)
+
+
+def _fdet_subclasses(base: type[Spec]) -> list[type[Spec]]:
+    found = specs.concrete_subclasses(base).values()
+    return sorted((c for c in found if c.__module__.startswith("fdet.")), key=lambda c: c.__name__)
 
 
 def spec_instances(cls: type[Spec]) -> st.SearchStrategy[Spec]:
@@ -79,6 +87,9 @@ LEAF_SPECS = [
     specs.ResNet,
     specs.FPN,
     specs.RetinaHead,
+    specs.FrozenBatchNorm,
+    specs.BatchNorm,
+    specs.GroupNorm,
     specs.Anchors,
     specs.MaxIoUAssigner,
     specs.DeltaXYWHCoder,
@@ -93,10 +104,21 @@ LEAF_SPECS = [
     specs.Transforms,
     specs.SGD,
     specs.AdamW,
+    specs.LinearWarmup,
+    specs.ConstantWarmup,
+    specs.StepDecay,
+    specs.CosineDecay,
+    specs.PolyDecay,
+    specs.ConstantDecay,
     specs.Schedule,
     specs.EMA,
     specs.ParamGroups,
 ]
+ROOT_SPECS = [specs.RetinaNet, specs.Experiment]  # drawn with valid parts in the tests below
+
+
+def test_every_spec_class_is_covered() -> None:
+    assert set(_fdet_subclasses(Spec)) == set(LEAF_SPECS) | set(ROOT_SPECS)
 
 
 @pytest.mark.parametrize("cls", LEAF_SPECS, ids=lambda c: c.__name__)
@@ -112,13 +134,45 @@ def test_json_round_trip_is_exact(cls: type[Spec], data: st.DataObject) -> None:
 
 
 def _retinanet(**kw: Any) -> specs.RetinaNet:
-    return specs.RetinaNet(head=specs.RetinaHead(num_classes=3), **kw)
+    return specs.RetinaNet(**{"head": specs.RetinaHead(num_classes=3), **kw})
 
 
-@given(box_loss=spec_instances(specs.SmoothL1Loss) | spec_instances(specs.GIoULoss))
-def test_root_round_trip_with_union_fields(box_loss: Spec) -> None:
-    spec = _retinanet(box_loss=box_loss)
-    assert specs.from_json(specs.to_json(spec)) == spec
+@settings(suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(
+    box_loss=_strategy_for(specs.BoxLoss),
+    cls_loss=_strategy_for(specs.ClassificationLoss),
+    norm=_strategy_for(specs.Norm),
+    fpn_norm=_strategy_for(specs.Norm | None),
+    head=spec_instances(specs.RetinaHead),
+    schedule=spec_instances(specs.Schedule),
+    optimizer=_strategy_for(specs.Optimizer),
+)
+def test_root_round_trip_with_fields_typed_by_bases(
+    box_loss: specs.BoxLoss,
+    cls_loss: specs.ClassificationLoss,
+    norm: specs.Norm,
+    fpn_norm: specs.Norm | None,
+    head: specs.RetinaHead,
+    schedule: specs.Schedule,
+    optimizer: specs.Optimizer,
+) -> None:
+    try:
+        model = _retinanet(
+            box_loss=box_loss,
+            cls_loss=cls_loss,
+            backbone=specs.ResNet(norm=norm),
+            neck=specs.FPN(norm=fpn_norm),
+            head=head,
+        )
+        spec = specs.Experiment(
+            model=model, schedule=schedule, optimizer=optimizer, iterations=100_000
+        )
+    except SpecError:
+        assume(False)
+        raise AssertionError from None
+    text = specs.to_json(spec)
+    assert specs.from_json(text) == spec
+    assert specs.to_json(specs.from_json(text)) == text
 
 
 def test_every_spec_class_is_tagged_by_its_name() -> None:
@@ -171,7 +225,9 @@ def test_unknown_key_at_root_and_top_level() -> None:
         (("anchors", "truncate_sizes"), 1, "expected true or false"),
         (("anchors", "ratios"), 0.5, "expected a list"),
         (("backbone", "depth"), 42, "must be one of"),
-        (("backbone", "norm"), "batchnorm", "must be one of"),
+        (("backbone", "norm"), "batchnorm", "expected an object"),
+        (("backbone", "norm", "groups"), 3, "unknown key in FrozenBatchNorm"),
+        (("head", "norm"), {"groups": 8}, 'needs a "type" key, one of: BatchNorm, Fro'),
         (("coder", "means"), [0, 0, 0], "must have 4 values"),
         (("head", "num_classes"), 0, "must be > 0"),
         (("assigner", "neg_iou"), 0.7, "must be <= pos_iou"),
@@ -222,6 +278,28 @@ def test_union_field_needs_a_known_type() -> None:
     assert _error(data).path == "box_loss.type"
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("head.norm", {"type": "LayerNorm"}, "expected one of: BatchNorm, FrozenBatchNorm, Group"),
+        ("cls_loss", {"type": "L1Loss"}, "expected one of: SigmoidFocalLoss"),
+        ("backbone.norm", {"type": "Norm"}, "expected one of: BatchNorm, FrozenBatchNorm, Group"),
+    ],
+)
+def test_field_typed_by_a_base_names_its_known_classes(
+    field: str, value: dict[str, Any], message: str
+) -> None:
+    data = _doc()
+    *parents, key = field.split(".")
+    node = data["spec"]
+    for parent in parents:
+        node = node[parent]
+    node[key] = value
+    err = _error(data)
+    assert err.path == f"{field}.type"
+    assert message in str(err)
+
+
 def test_wrong_type_tag_on_a_plain_field() -> None:
     data = _doc()
     data["spec"]["head"]["type"] = "FPN"
@@ -261,8 +339,8 @@ def test_expected_root_type_is_checked() -> None:
     assert specs.from_json(text, specs.FPN) == specs.FPN()
 
 
-def test_nan_cannot_be_written() -> None:
-    spec = specs.SigmoidFocalLoss(alpha=math.nan)
+def test_inf_cannot_be_written() -> None:
+    spec = specs.DensePostprocess(min_box_size=math.inf)
     with pytest.raises(SpecError, match="cannot be written as JSON"):
         specs.to_json(spec)
 
@@ -281,6 +359,32 @@ def test_nan_cannot_be_written() -> None:
         (lambda: specs.Anchors(base_sizes=(32.0,)), "base_sizes"),
         (lambda: specs.DeltaXYWHCoder(stds=(1, 1, 0, 1)), "stds[2]"),
         (lambda: specs.DensePostprocess(nms_iou=1.5), "nms_iou"),
+        (lambda: specs.MaxIoUAssigner(crowd_ioa=1.5), "crowd_ioa"),
+        (lambda: specs.SigmoidFocalLoss(alpha=math.nan), "alpha"),
+        (lambda: specs.SigmoidFocalLoss(alpha=math.inf), "alpha"),
+        (lambda: specs.SigmoidFocalLoss(alpha=1.01), "alpha"),
+        (lambda: specs.GroupNorm(groups=0), "groups"),
+        (lambda: specs.ResNet(norm=specs.GroupNorm(groups=5)), "norm.groups"),
+        (lambda: specs.ResNet(norm="bn"), "norm"),  # type: ignore[arg-type]
+        (lambda: specs.FPN(channels=20, norm=specs.GroupNorm()), "norm.groups"),
+        (
+            lambda: specs.RetinaHead(num_classes=2, channels=24, norm=specs.GroupNorm(groups=16)),
+            "norm.groups",
+        ),
+        (lambda: specs.StepDecay(milestones=(0.5, 0.25)), "milestones"),
+        (lambda: specs.LinearWarmup(factor=2.0), "factor"),
+        (lambda: specs.Schedule(decay="cosine"), "decay"),  # type: ignore[arg-type]
+        (lambda: specs.Schedule(warmup=specs.CosineDecay()), "warmup"),  # type: ignore[arg-type]
+        (lambda: _retinanet(box_loss=specs.SigmoidFocalLoss()), "box_loss"),  # type: ignore[arg-type]
+        (lambda: specs.Experiment(model=specs.FPN()), "model"),  # type: ignore[arg-type]
+        (
+            lambda: specs.Experiment(
+                model=_retinanet(),
+                iterations=10,
+                schedule=specs.Schedule(warmup=specs.LinearWarmup(iters=11)),
+            ),
+            "schedule.warmup.iters",
+        ),
         (
             lambda: _retinanet(anchors=specs.Anchors(strides=(8, 16, 32, 64, 256))),
             "anchors.strides",
@@ -320,4 +424,54 @@ def test_keyword_only() -> None:
 def test_json_is_plain_and_readable() -> None:
     data = json.loads(specs.to_json(_retinanet()))
     assert data["spec"]["anchors"]["ratios"] == [0.5, 1.0, 2.0]
-    assert typing.cast(dict, data["spec"]["coder"])["clip"] == pytest.approx(math.log(1000 / 16))
+    assert typing.cast(dict, data["spec"]["coder"])["clip"] == math.log(1000 / 16)
+    assert data["spec"]["backbone"]["norm"] == {"type": "FrozenBatchNorm"}
+    assert data["spec"]["neck"]["norm"] is None
+
+
+def test_abstract_bases_are_not_json_types_and_cannot_be_made() -> None:
+    bases = [
+        specs.Detector,
+        specs.Norm,
+        specs.ClassificationLoss,
+        specs.BoxLoss,
+        specs.Warmup,
+        specs.Decay,
+        specs.Optimizer,
+    ]
+    for base in bases:
+        assert base.__name__ not in specs.spec_types()
+        assert not attrs.has(base)
+        with pytest.raises(TypeError, match="abstract"):
+            base()
+    assert set(specs.concrete_subclasses(specs.Norm)) >= {
+        "BatchNorm",
+        "FrozenBatchNorm",
+        "GroupNorm",
+    }
+    data = _doc()
+    data["spec"]["box_loss"] = {"type": "BoxLoss"}
+    assert "expected one of: GIoULoss, L1Loss, SmoothL1Loss" in str(_error(data))
+
+
+def test_detector_subclass_must_define_num_classes() -> None:
+    @attrs.frozen(kw_only=True)
+    class NoClassesDetector(specs.Detector):  # type: ignore[misc]
+        head: specs.RetinaHead
+
+    with pytest.raises(TypeError, match="num_classes"):
+        NoClassesDetector(head=specs.RetinaHead(num_classes=2))  # type: ignore[abstract]
+
+
+def test_pyramid_checks_name_the_field() -> None:
+    backbone = specs.ResNet(out_levels=(3, 4, 5))
+    specs.check_pyramid(backbone, specs.FPN())
+    with pytest.raises(SpecError) as info:
+        specs.check_pyramid(backbone, specs.FPN(in_levels=(2, 3, 4), out_levels=(2, 3)))
+    assert info.value.path == "neck.in_levels" and "[2]" in info.value.message
+    specs.check_strides((8, 16, 32, 64, 128), specs.FPN())
+    with pytest.raises(SpecError) as info:
+        specs.check_strides((8, 16, 32, 64, 128), specs.FPN(out_levels=(3, 4, 5)), field="points")
+    assert info.value.path == "points" and "neck.out_levels has 3" in info.value.message
+    with pytest.raises(SpecError, match=r"must be \(8, 16, 32\)"):
+        specs.check_strides((8, 16, 64), specs.FPN(out_levels=(3, 4, 5)))

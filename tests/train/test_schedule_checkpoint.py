@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
-from fdet import specs
+from fdet import register, specs
 from fdet.train.checkpoint import atomic_save, load_checkpoint
 from fdet.train.optim import build_optimizer, parameter_groups
 from fdet.train.schedule import lr_factor
@@ -16,7 +17,8 @@ from fdet.train.schedule import lr_factor
 
 def test_linear_warmup_then_steps() -> None:
     s = specs.Schedule(
-        kind="step", warmup="linear", warmup_iters=10, warmup_factor=0.1, milestones=(0.5, 0.75)
+        warmup=specs.LinearWarmup(iters=10, factor=0.1),
+        decay=specs.StepDecay(milestones=(0.5, 0.75)),
     )
     assert lr_factor(s, 0, 100) == pytest.approx(0.1)
     assert lr_factor(s, 5, 100) == pytest.approx(0.55)
@@ -29,7 +31,7 @@ def test_linear_warmup_then_steps() -> None:
 
 def test_cosine_and_constant_warmup() -> None:
     s = specs.Schedule(
-        kind="cosine", warmup="constant", warmup_iters=4, warmup_factor=0.5, min_factor=0.1
+        warmup=specs.ConstantWarmup(iters=4, factor=0.5), decay=specs.CosineDecay(min_factor=0.1)
     )
     assert lr_factor(s, 0, 100) == pytest.approx(0.5 * 1.0)
     assert lr_factor(s, 3, 100) == pytest.approx(
@@ -37,7 +39,7 @@ def test_cosine_and_constant_warmup() -> None:
     )
     assert lr_factor(s, 50, 100) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(s, 100, 100) == pytest.approx(0.1)
-    flat = specs.Schedule(kind="flat", warmup="none")
+    flat = specs.Schedule(warmup=None, decay=specs.ConstantDecay())
     assert lr_factor(flat, 0, 10) == lr_factor(flat, 9, 10) == 1.0
 
 
@@ -49,6 +51,51 @@ def test_no_weight_decay_on_norms_and_biases() -> None:
     opt = build_optimizer(specs.AdamW(lr=0.01, weight_decay=0.1), model)
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_poly_decay_and_step_milestones_round_to_iterations() -> None:
+    poly = specs.Schedule(warmup=None, decay=specs.PolyDecay(power=2.0, min_factor=0.1))
+    assert lr_factor(poly, 0, 10) == 1.0
+    assert lr_factor(poly, 5, 10) == pytest.approx(0.1 + 0.9 * 0.25)
+    assert lr_factor(poly, 10, 10) == pytest.approx(0.1)
+    # 0.25 × 10 = 2.5 rounds (half to even) to iteration 2
+    step = specs.Schedule(warmup=None, decay=specs.StepDecay(milestones=(0.25,), gamma=0.5))
+    assert [lr_factor(step, it, 10) for it in (1, 2, 3)] == [1.0, 0.5, 0.5]
+    assert lr_factor(step, -5, 10) == 1.0 and lr_factor(step, 50, 10) == 0.5  # clamped
+    with pytest.raises(ValueError, match="positive"):
+        lr_factor(step, 0, 0)
+
+
+def test_sgd_and_adamw_builders() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    sgd = build_optimizer(specs.SGD(lr=0.1, momentum=0.5, nesterov=True), model)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert [(g["lr"], g["momentum"], g["nesterov"]) for g in sgd.param_groups] == [
+        (0.1, 0.5, True)
+    ] * 2
+    adamw = build_optimizer(specs.AdamW(betas=(0.8, 0.9), eps=1e-6), model)
+    assert adamw.param_groups[0]["betas"] == (0.8, 0.9) and adamw.param_groups[0]["eps"] == 1e-6
+
+
+@attrs.frozen(kw_only=True)
+class PlainSGDForTests(specs.Optimizer):
+    """An optimizer spec defined outside fdet."""
+
+    lr: float = 0.5
+    weight_decay: float = 0.0
+
+
+@register(PlainSGDForTests)
+def _build_plain_sgd(spec: PlainSGDForTests, *, params: list[dict]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=spec.lr, momentum=0.0)
+
+
+def test_build_optimizer_dispatches_through_the_registry() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(PlainSGDForTests(), model, specs.ParamGroups(bias_decay=True))
+    assert type(opt) is torch.optim.SGD
+    assert [g["lr"] for g in opt.param_groups] == [0.5]
+    assert [g["name"] for g in opt.param_groups] == ["decay"]
 
 
 def test_atomic_save_round_trip(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ requested level are not built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from typing_extensions import Self
 
 from fdet import specs
-from fdet.models.layers import NormKind, init_norm, make_norm
+from fdet.models.layers import NormLayer, init_norm, norm_factory
 from fdet.registry import register
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_resnet"]
@@ -34,16 +34,16 @@ _ARCH: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
+_FROZEN_BN = specs.FrozenBatchNorm()
 
 
 def _downsample(
-    in_channels: int, out_channels: int, stride: int, norm: NormKind, gn_groups: int
+    in_channels: int, out_channels: int, stride: int, norm: Callable[[int], nn.Module]
 ) -> nn.Sequential | None:
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-        make_norm(norm, out_channels, gn_groups=gn_groups),
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), norm(out_channels)
     )
 
 
@@ -52,16 +52,15 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(
-        self, in_channels: int, planes: int, *, stride: int, norm: NormKind, gn_groups: int
-    ) -> None:
+    def __init__(self, in_channels: int, planes: int, *, stride: int, norm: NormLayer) -> None:
         super().__init__()
         out_channels = planes * self.expansion
+        make_norm = norm_factory(norm)
         self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = make_norm(norm, planes, gn_groups=gn_groups)
+        self.bn1 = make_norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = make_norm(norm, planes, gn_groups=gn_groups)
-        self.downsample = _downsample(in_channels, out_channels, stride, norm, gn_groups)
+        self.bn2 = make_norm(planes)
+        self.downsample = _downsample(in_channels, out_channels, stride, make_norm)
 
     @property
     def last_norm(self) -> nn.Module:
@@ -80,18 +79,17 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(
-        self, in_channels: int, planes: int, *, stride: int, norm: NormKind, gn_groups: int
-    ) -> None:
+    def __init__(self, in_channels: int, planes: int, *, stride: int, norm: NormLayer) -> None:
         super().__init__()
         out_channels = planes * self.expansion
+        make_norm = norm_factory(norm)
         self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
-        self.bn1 = make_norm(norm, planes, gn_groups=gn_groups)
+        self.bn1 = make_norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = make_norm(norm, planes, gn_groups=gn_groups)
+        self.bn2 = make_norm(planes)
         self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
-        self.bn3 = make_norm(norm, out_channels, gn_groups=gn_groups)
-        self.downsample = _downsample(in_channels, out_channels, stride, norm, gn_groups)
+        self.bn3 = make_norm(out_channels)
+        self.downsample = _downsample(in_channels, out_channels, stride, make_norm)
 
     @property
     def last_norm(self) -> nn.Module:
@@ -111,12 +109,13 @@ class ResNet(nn.Module):
 
     Args:
         depth: 18, 34 (basic blocks), 50, 101 or 152 (bottlenecks).
-        norm: ``"frozen_bn"`` (:class:`torchvision.ops.FrozenBatchNorm2d`, nothing in it trains),
-            ``"bn"`` (``nn.BatchNorm2d``) or ``"gn"`` (``nn.GroupNorm(gn_groups, C)``).
-        gn_groups: groups of every group norm (``norm="gn"`` only); must divide ``width``.
+        norm: the norm after every conv: a :class:`fdet.specs.Norm` spec
+            (``specs.FrozenBatchNorm()``: :class:`torchvision.ops.FrozenBatchNorm2d`, nothing in
+            it trains; ``specs.BatchNorm()``; ``specs.GroupNorm(groups=g)``, ``g`` dividing
+            ``width``) or a callable ``channels -> nn.Module`` (``nn.BatchNorm2d``).
         frozen_stages: ``-1`` trains everything; ``0`` freezes the stem (``conv1``, ``bn1``);
             ``k`` freezes the stem and ``layer1`` … ``layer{k}``. Frozen parameters get
-            ``requires_grad=False``; with ``norm="bn"`` the batch norms of frozen parts also stay
+            ``requires_grad=False``; the norms of frozen parts (batch norms, for one) also stay
             in eval mode (running statistics used, never updated) when the module is put in
             train mode.
         out_levels: increasing levels within 2..5 to return; stages above the highest one are
@@ -135,8 +134,7 @@ class ResNet(nn.Module):
         self,
         *,
         depth: int = 50,
-        norm: NormKind = "frozen_bn",
-        gn_groups: int = 32,
+        norm: NormLayer = _FROZEN_BN,
         frozen_stages: int = 1,
         out_levels: Sequence[int] = (2, 3, 4, 5),
         width: int = 64,
@@ -154,6 +152,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet frozen_stages must be in [-1, 4], got {frozen_stages!r}")
         if width <= 0:
             raise ValueError(f"ResNet width must be > 0, got {width!r}")
+        make_norm = norm_factory(norm)
         kind, blocks_per_stage = _ARCH[depth]
         block: type[BasicBlock | Bottleneck] = BasicBlock if kind == "basic" else Bottleneck
 
@@ -163,16 +162,14 @@ class ResNet(nn.Module):
         self._num_stages = levels[-1] - 1  # C5 needs layer1..layer4
 
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = make_norm(norm, width, gn_groups=gn_groups)
+        self.bn1 = make_norm(width)
         in_channels = width
         for i in range(self._num_stages):
             planes = width * 2**i
             blocks = []
             for j in range(blocks_per_stage[i]):
                 stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(
-                    block(in_channels, planes, stride=stride, norm=norm, gn_groups=gn_groups)
-                )
+                blocks.append(block(in_channels, planes, stride=stride, norm=make_norm))
                 in_channels = planes * block.expansion
             self.add_module(_STAGES[i], nn.Sequential(*blocks))
 
@@ -227,7 +224,6 @@ def build_resnet(spec: specs.ResNet) -> ResNet:
     return ResNet(
         depth=spec.depth,
         norm=spec.norm,
-        gn_groups=spec.gn_groups,
         frozen_stages=spec.frozen_stages,
         out_levels=spec.out_levels,
         width=spec.width,

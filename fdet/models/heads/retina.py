@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from fdet import specs
+from fdet.models.layers import NormLayer, norm_factory
 from fdet.registry import register
 
 
@@ -23,19 +24,19 @@ class RetinaHeadOutputs(NamedTuple):
 
 
 def _tower(
-    in_channels: int, channels: int, num_convs: int, norm: str, groups: int
+    in_channels: int, channels: int, num_convs: int, norm: Callable[[int], nn.Module] | None
 ) -> nn.Sequential:
-    """``num_convs`` blocks ``conv 3×3 [→ GroupNorm] → ReLU``; a conv followed by a norm has no
+    """``num_convs`` blocks ``conv 3×3 [→ norm] → ReLU``; a conv followed by a norm has no
     bias (the norm's shift takes its place), as in torchvision's v2 head."""
     layers: list[nn.Module] = []
     for i in range(num_convs):
         block: list[nn.Module] = [
             nn.Conv2d(
-                in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm == "none"
+                in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm is None
             )
         ]
-        if norm == "gn":
-            block.append(nn.GroupNorm(groups, channels))
+        if norm is not None:
+            block.append(norm(channels))
         block.append(nn.ReLU(inplace=True))
         layers.append(nn.Sequential(*block))
     return nn.Sequential(*layers)
@@ -45,10 +46,14 @@ class RetinaHead(nn.Module):
     """Two towers of ``num_convs`` 3×3 convs, then a 3×3 predictor each:
     ``num_anchors × num_classes`` logits and ``num_anchors × 4`` box deltas a location.
 
-    Parameters: ``cls_tower.{i}.0`` / ``box_tower.{i}.0`` (the convs, bias-free with
-    ``norm="gn"``), ``cls_tower.{i}.1`` / ``box_tower.{i}.1`` (their group norms), ``cls_logits``
-    and ``box_deltas`` (the predictors). ``fdet.compat.torchvision`` maps torchvision's
-    ``RetinaNetHead`` names onto these.
+    ``norm``: None (the default: convs with bias), or a norm after every tower conv (which then
+    has no bias): a :class:`fdet.specs.Norm` spec (``specs.GroupNorm(groups=32)``, torchvision's
+    v2 head) or a callable ``channels -> nn.Module``.
+
+    Parameters: ``cls_tower.{i}.0`` / ``box_tower.{i}.0`` (the convs, bias-free with a norm),
+    ``cls_tower.{i}.1`` / ``box_tower.{i}.1`` (their norms), ``cls_logits`` and ``box_deltas``
+    (the predictors). ``fdet.compat.torchvision`` maps torchvision's ``RetinaNetHead`` names onto
+    these.
     """
 
     def __init__(
@@ -60,17 +65,15 @@ class RetinaHead(nn.Module):
         num_convs: int = 4,
         channels: int = 256,
         prior_prob: float = 0.01,
-        norm: str = "none",
-        gn_groups: int = 32,
+        norm: NormLayer | None = None,
     ) -> None:
         super().__init__()
-        if norm not in ("none", "gn"):
-            raise ValueError(f"norm must be 'none' or 'gn', got {norm!r}")
+        make_norm = None if norm is None else norm_factory(norm)
         self.num_anchors = num_anchors
         self.num_classes = num_classes
         tower_out = channels if num_convs > 0 else in_channels
-        self.cls_tower = _tower(in_channels, channels, num_convs, norm, gn_groups)
-        self.box_tower = _tower(in_channels, channels, num_convs, norm, gn_groups)
+        self.cls_tower = _tower(in_channels, channels, num_convs, make_norm)
+        self.box_tower = _tower(in_channels, channels, num_convs, make_norm)
         self.cls_logits = nn.Conv2d(tower_out, num_anchors * num_classes, 3, padding=1)
         self.box_deltas = nn.Conv2d(tower_out, num_anchors * 4, 3, padding=1)
         for module in self.modules():
@@ -109,7 +112,6 @@ def build_retina_head(spec: specs.RetinaHead, *, in_channels: int, num_anchors: 
         channels=spec.channels,
         prior_prob=spec.prior_prob,
         norm=spec.norm,
-        gn_groups=spec.gn_groups,
     )
 
 

@@ -16,7 +16,7 @@ convs that could not change any returned level are not built (lateral convs belo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch.nn.functional as F
@@ -24,24 +24,24 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from fdet import specs
+from fdet.models.layers import NormLayer, norm_factory
 from fdet.registry import register
 
 __all__ = ["FPN", "build_fpn"]
 
-FPNNorm = Literal["none", "bn", "gn"]
-
 
 def _conv_norm(
-    in_channels: int, out_channels: int, kernel_size: int, norm: FPNNorm, gn_groups: int
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    norm: Callable[[int], nn.Module] | None,
 ) -> nn.Sequential:
     conv = nn.Conv2d(
-        in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
+        in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm is None
     )
-    if norm == "none":
+    if norm is None:
         return nn.Sequential(conv)
-    if norm == "bn":
-        return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
-    return nn.Sequential(conv, nn.GroupNorm(gn_groups, out_channels))
+    return nn.Sequential(conv, norm(out_channels))
 
 
 def _levels(name: str, levels: Sequence[int]) -> tuple[int, ...]:
@@ -66,10 +66,10 @@ class FPN(nn.Module):
             or the top input map (of level ``in_levels[-1]``, whatever it is).
         extra_relu: a ReLU before every extra conv but the first (torchvision's
             ``LastLevelP6P7`` computes ``P7 = conv(relu(P6))``).
-        norm: ``"none"`` (convs with bias), ``"bn"`` or ``"gn"`` (bias-free convs followed by
-            ``BatchNorm2d`` / ``GroupNorm(gn_groups, channels)``) on the lateral and output
-            convs. Extra convs have a bias and no norm in every case, as in torchvision.
-        gn_groups: groups of the group norms (``norm="gn"`` only).
+        norm: None (convs with bias), or a norm after the lateral and output convs (which then
+            have no bias): a :class:`fdet.specs.Norm` spec (``specs.GroupNorm(groups=32)``) or a
+            callable ``channels -> nn.Module`` (``nn.BatchNorm2d``). Extra convs have a bias and
+            no norm in every case, as in torchvision.
         input_levels: levels of the maps ``forward`` receives, increasing and containing
             ``in_levels``; defaults to ``in_levels``. Pass the backbone's ``out_levels`` (with its
             ``out_channels`` as ``in_channels``) to feed the backbone's output straight in:
@@ -91,8 +91,7 @@ class FPN(nn.Module):
         channels: int = 256,
         extra_from: Literal["p5", "c5"] = "p5",
         extra_relu: bool = True,
-        norm: FPNNorm = "none",
-        gn_groups: int = 32,
+        norm: NormLayer | None = None,
         input_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -116,10 +115,7 @@ class FPN(nn.Module):
             raise ValueError(f"FPN channels must be > 0, got in_channels={in_ch}, {channels=}")
         if extra_from not in ("p5", "c5"):
             raise ValueError(f"FPN extra_from must be 'p5' or 'c5', got {extra_from!r}")
-        if norm not in ("none", "bn", "gn"):
-            raise ValueError(f"FPN norm must be 'none', 'bn' or 'gn', got {norm!r}")
-        if norm == "gn" and channels % gn_groups:
-            raise ValueError(f"FPN: {gn_groups} groups do not divide {channels} channels")
+        make_norm = None if norm is None else norm_factory(norm)
 
         built = tuple(range(out_lv[0], in_lv[-1] + 1))  # input levels that reach an output
         returned = tuple(lvl for lvl in built if lvl in out_lv)  # those that are outputs
@@ -131,10 +127,10 @@ class FPN(nn.Module):
         self._take = tuple(given.index(lvl) for lvl in built)  # indices into forward's input
 
         self.inner_blocks = nn.ModuleList(
-            _conv_norm(in_ch[i], channels, 1, norm, gn_groups) for i in self._take
+            _conv_norm(in_ch[i], channels, 1, make_norm) for i in self._take
         )
         self.layer_blocks = nn.ModuleList(
-            _conv_norm(channels, channels, 3, norm, gn_groups) for _ in returned
+            _conv_norm(channels, channels, 3, make_norm) for _ in returned
         )
         extra: dict[str, nn.Module] = {}
         prev = channels if extra_from == "p5" else in_ch[self._take[-1]]

@@ -12,10 +12,12 @@ applied before that check, so their order never matters to rules across fields
 (``batch_size=6`` and ``accumulate=3`` in either order).
 
 An object value replaces the whole object: fields it leaves out take their defaults. When the
-field can hold several spec types (``optimizer``: SGD or AdamW) and the object has no
-``"type"``, the current type is kept; ``optimizer={"type": "AdamW"}`` switches type. A path
-through a null field (``ema.decay`` while ``ema`` is null) is an error: set the whole object
-first (``ema={"decay": 0.99}``).
+field can hold several spec types (``optimizer``: any :class:`~fdet.specs.Optimizer`, such as
+SGD or AdamW) and the object has no ``"type"``, the current type is kept;
+``optimizer={"type": "AdamW"}`` switches type, to any class of the field's base that has been
+imported, yours included (``schedule.decay={"type": "MyDecay", "rate": 2}``). A path through a
+null field (``ema.decay`` while ``ema`` is null) is an error: set the whole object first
+(``ema={"decay": 0.99}``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 
 import attrs
 
-from fdet.specs import Spec, SpecError, from_dict, spec_types, to_dict
+from fdet.specs._core import Spec, SpecError, concrete_subclasses
+from fdet.specs.serde import from_dict, to_dict
 
 S = TypeVar("S", bound=Spec)
 
@@ -83,7 +86,7 @@ def _related(override_path: str, error_path: str) -> bool:
 
 
 def _spec_classes(annotation: Any) -> tuple[type[Spec], ...]:
-    """The spec classes a field's annotation admits (``SGD | AdamW``, ``EMA | None``)."""
+    """The spec classes a field's annotation admits (``Optimizer``, ``EMA | None``)."""
     if get_origin(annotation) in (Union, types.UnionType):
         return tuple(c for a in get_args(annotation) for c in _spec_classes(a))
     if isinstance(annotation, type) and issubclass(annotation, Spec):
@@ -96,17 +99,23 @@ def _fields(cls: type) -> dict[str, attrs.Attribute]:
     return {f.name: f for f in attrs.fields(cls)}
 
 
+def _names(allowed: tuple[type[Spec], ...]) -> str:
+    return ", ".join(sorted(concrete_subclasses(allowed))) or "none known"
+
+
 def _node_class(node: dict[str, Any], allowed: tuple[type[Spec], ...], where: str) -> type:
-    """The spec class of a JSON object found where ``allowed`` classes may stand."""
-    names = ", ".join(sorted(c.__name__ for c in allowed))
+    """The spec class of a JSON object found where ``allowed`` classes (or their subclasses)
+    may stand."""
     tag = node.get("type")
     if tag is None:
-        if len(allowed) == 1:
+        if len(allowed) == 1 and attrs.has(allowed[0]):
             return allowed[0]
-        raise SpecError(f'needs a "type" key, one of: {names}', where)
-    cls = spec_types().get(tag) if isinstance(tag, str) else None
-    if cls is None or not issubclass(cls, allowed):
-        raise SpecError(f"unknown type {json.dumps(tag)}; expected one of: {names}", where)
+        raise SpecError(f'needs a "type" key, one of: {_names(allowed)}', where)
+    cls = concrete_subclasses(allowed).get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise SpecError(
+            f"unknown type {json.dumps(tag)}; expected one of: {_names(allowed)}", where
+        )
     return cls
 
 
@@ -141,7 +150,7 @@ def _assign(root: dict[str, Any], root_cls: type[Spec], segments: list[str], val
         cls = _node_class(node, allowed, where)
         fields = _fields(cls)
         if segment == "type":
-            choices = ", ".join(sorted(c.__name__ for c in allowed))
+            choices = _names(allowed)
             raise SpecError(
                 f"a spec's type is chosen by setting the whole object, e.g. "
                 f'{where or "<root>"}={{"type": "{cls.__name__}", ...}} (types here: {choices})',
