@@ -2,7 +2,7 @@
 
 from fdet.data import transforms
 from fdet.data.coco import CocoDataset, DataError, build_dataset, read_image, sample_generator
-from fdet.data.collate import collate
+from fdet.data.collate import collate, slot_buckets
 from fdet.data.loader import Loader, ShardedSampler, infinite, make_loader
 from fdet.data.sample import Batch, Sample
 from fdet.data.shapes import CATEGORIES as SHAPE_CATEGORIES
@@ -28,5 +28,6 @@ __all__ = [
     "make_loader",
     "read_image",
     "sample_generator",
+    "slot_buckets",
     "transforms",
 ]

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fdet.data.collate import collate
+from fdet.data.collate import _check_slots, collate
 from fdet.data.sample import Batch, Sample
 
 __all__ = ["EpochDataset", "Loader", "ShardedSampler", "infinite", "make_loader"]
@@ -136,8 +136,10 @@ class Loader:
 
     ``pin_memory`` defaults to whether CUDA is available, ``persistent_workers`` to whether
     there are workers. ``rank``/``world_size`` shard the data for distributed training (see
-    :class:`ShardedSampler`; ``pad_shards=False`` for evaluation). ``pad_to`` and ``slots``
-    fix the batch's image size and annotation slots (see :func:`collate`).
+    :class:`ShardedSampler`; ``pad_shards=False`` for evaluation). ``pad_to`` fixes the
+    batch's image size; ``slots`` its annotation slots, exactly (an int) or to the smallest of a
+    few bucket sizes that holds the batch (a tuple, e.g. from
+    :func:`fdet.data.collate.slot_buckets`); see :func:`collate`.
     """
 
     def __init__(
@@ -158,7 +160,7 @@ class Loader:
         persistent_workers: bool | None = None,
         prefetch_factor: int | None = None,
         pad_to: tuple[int, int] | None = None,
-        slots: int | None = None,
+        slots: int | Sequence[int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
@@ -166,6 +168,7 @@ class Loader:
             raise ValueError(f"num_workers: must be >= 0, got {num_workers}")
         if not isinstance(dataset, Sized):
             raise TypeError("make_loader: the data set must have a length")
+        slots = _check_slots(slots)  # a bad value fails here, not in a worker
         self.dataset = dataset
         self.batch_size = batch_size
         self.sampler = ShardedSampler(

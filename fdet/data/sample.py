@@ -31,8 +31,9 @@ class Sample(NamedTuple):
 
 class Batch(NamedTuple):
     """A padded batch. Images are padded at the bottom and right with zeros to a common size;
-    annotation slots are padded to ``M = max(1, most objects in an image)`` with
-    ``gt_valid`` False.
+    annotation slots are padded to ``M`` with ``gt_valid`` False: the most objects of an image
+    of the batch (at least 1), or the ``slots`` that collation was given (a fixed count, or the
+    smallest of a few bucket sizes that holds the batch: see ``fdet.data.collate``).
 
     ``images`` are uint8 in ``[0, 255]``: the model normalizes them (its ``Normalize`` spec).
     ``image_sizes[b]`` is the (height, width) of image ``b`` before padding; ``scales[b]`` the

@@ -13,7 +13,7 @@ label).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,13 +22,14 @@ import torchvision.ops  # noqa: F401  (registers the torch.ops.torchvision.nms k
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from fdet.ops.boxes import clip_boxes
-from fdet.ops.coding import decode_deltas
+from fdet.ops.boxes import clip_boxes, small_box_mask
+from fdet.ops.coding import DEFAULT_SCALE_CLIP, decode_deltas
 
 __all__ = [
     "Candidates",
     "Detections",
     "batched_nms",
+    "detect_dense",
     "nms_keep_mask",
     "postprocess_dense",
     "select_topk_per_level",
@@ -57,13 +58,26 @@ class Candidates(NamedTuple):
     valid: Bool[Tensor, "B T"]  # score > score_threshold
 
 
-# Largest number of candidates that one CPU NMS kernel call handles (see ``nms_keep_mask``).
+# Largest number of candidates that one NMS kernel call handles, by device type (see
+# ``nms_keep_mask``). CPU: the fastest split measured (docs/benchmarks.md). CUDA and any other
+# accelerator: small enough that a call's suppression mask stays small (C × ceil(C / 64) int64
+# words: 2 MiB at 4 096 candidates), large enough that there are few calls.
 _CPU_CALL_SIZE = 128
+_CUDA_CALL_SIZE = 4096
+
+
+def _call_size(device: torch.device) -> int:
+    """The most candidates one NMS kernel call gets on ``device``."""
+    return _CPU_CALL_SIZE if device.type == "cpu" else _CUDA_CALL_SIZE
 
 
 def _call_ends(group_sizes: list[int], max_size: int) -> list[int]:
-    """End offsets of consecutive runs of whole groups, each run at most ``max_size`` long
-    (a larger group is a run of its own)."""
+    """End offsets of consecutive runs of whole groups, each run at most ``max_size`` long.
+
+    Groups stay whole and in order: a run ends where adding the next group would pass
+    ``max_size``, and a group larger than ``max_size`` is a run of its own. The last end is the
+    total size (``[0]`` for no groups).
+    """
     ends: list[int] = []
     end = size = 0
     for count in group_sizes:
@@ -96,10 +110,7 @@ def _nms_keep_mask_op(
     span = group_boxes.max() - lowest + 1
     group_boxes = group_boxes - lowest + (group_ids * span)[:, None]  # [V, 4], groups apart
     group_scores = scores.flatten()[index].double()  # [V]
-    if keep.device.type == "cpu":
-        ends = _call_ends(group_sizes.tolist(), _CPU_CALL_SIZE)
-    else:
-        ends = [index.numel()]
+    ends = _call_ends(group_sizes.tolist(), _call_size(keep.device))
     kept = []
     start = 0
     for end in ends:
@@ -140,15 +151,30 @@ def nms_keep_mask(
     indices are scattered back into the mask.
 
     The NMS kernel compares each kept box with every lower-scored box of its call, groups
-    apart or not, and each call has a fixed cost. So on CPU the groups are handed to it in runs
-    of whole groups of at most 128 candidates (a larger group alone): fewer compared pairs than
-    one call an image, fewer calls than one call a group, and faster than either on sparse and
-    crowded batches alike (docs/benchmarks.md). That loop over runs is the operator's
+    apart or not, and each call has a fixed cost. So the groups are handed to it in runs of
+    whole groups, in order, of at most a size set per device type; a group larger than that is
+    one call of its own (groups are never split). That loop over runs is the operator's
     implementation, like the loop of a C++ kernel, and so are its host synchronizations (the
-    number of valid candidates, the group sizes): none of it is ever part of a traced graph. On
-    CUDA, where the kernel compares all pairs in parallel, all valid candidates of the batch go
-    to one call.
+    number of valid candidates, the group sizes): none of it is ever part of a traced graph.
+    The split never changes what is kept: groups are apart, so a call suppresses within groups
+    only, whatever else it holds.
+
+    - CPU: runs of at most 128 candidates. Fewer compared pairs than one call an image, fewer
+      calls than one call a group, and faster than either on sparse and crowded batches alike
+      (docs/benchmarks.md).
+    - CUDA (and any other device): runs of at most 4 096 candidates. The CUDA kernel compares
+      all pairs of a call at once into a suppression mask of ``C × ceil(C / 64)`` int64 words
+      for ``C`` candidates: 2 MiB at 4 096, where one call of all 80 000 valid candidates of a
+      batch of 16 images with 5 000 each (flat scores, early in training) would need 800 MB.
+      Calls run one after another and each frees its mask, so the operator needs the memory
+      of one call plus a few tensors over the valid candidates: it grows linearly with the
+      number of candidates, not with its square. Only an (image, label) group larger than
+      4 096 candidates makes a larger call (``C`` its size).
+
+    ``iou_threshold`` must be >= 0: below 0, the IoU of 0 between groups would pass it.
     """
+    if not iou_threshold >= 0:
+        raise ValueError(f"iou_threshold: must be >= 0, got {iou_threshold}")
     return torch.ops.fdet.nms_keep_mask(
         boxes.detach(), scores.detach(), labels, valid.bool(), iou_threshold
     )
@@ -237,6 +263,45 @@ def select_topk_per_level(
     )
 
 
+def detect_dense(
+    scores: Sequence[Float[Tensor, "B A_l K"]],
+    decode: Callable[[Int[Tensor, "B T"]], Float[Tensor, "B T 4"]],
+    image_sizes: Float[Tensor, "B 2"] | Int[Tensor, "B 2"],
+    *,
+    score_threshold: float,
+    topk_per_level: int,
+    iou_threshold: float,
+    max_detections: int,
+    min_box_size: float = 0.0,
+) -> Detections:
+    """Detections of any dense head, batched and padded: the steps every dense family shares.
+
+    1. Per level, the ``min(topk_per_level, A_l * K)`` best (location, class) pairs of
+       ``scores`` (already probabilities: sigmoid, ``sqrt(cls × centerness)``, a quality score
+       ...), invalid where ``score <= score_threshold`` (:func:`select_topk_per_level`).
+    2. ``decode(anchor_index)`` gives the boxes ``[B, T, 4]`` of the selected locations
+       (``anchor_index`` indexes all levels concatenated): the family's own decoding (deltas on
+       anchors, distances from points, an integral over distributions ...).
+    3. Boxes clipped to ``image_sizes`` (height, width); with ``min_box_size > 0`` narrower or
+       lower boxes are dropped; class-aware NMS at ``iou_threshold`` over all levels of each
+       image and the ``max_detections`` best (:func:`batched_nms`).
+    """
+    candidates = select_topk_per_level(scores, k=topk_per_level, score_threshold=score_threshold)
+    boxes = decode(candidates.anchor_index)  # [B, T, 4]
+    boxes = clip_boxes(boxes, image_sizes)  # [B, T, 4]
+    valid = candidates.valid
+    if min_box_size > 0:
+        valid = valid & ~small_box_mask(boxes, min_size=min_box_size)
+    return batched_nms(
+        boxes,
+        candidates.scores,
+        candidates.labels,
+        valid,
+        iou_threshold=iou_threshold,
+        max_detections=max_detections,
+    )
+
+
 def postprocess_dense(
     cls_logits: Sequence[Float[Tensor, "B A_l K"]],
     box_deltas: Sequence[Float[Tensor, "B A_l 4"]],
@@ -249,16 +314,18 @@ def postprocess_dense(
     max_detections: int,
     means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
     stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
-    clip: float = math.log(1000.0 / 16),
+    clip: float = DEFAULT_SCALE_CLIP,
+    min_box_size: float = 0.0,
 ) -> Detections:
-    """Detections of a dense sigmoid-classifier head (RetinaNet), batched and padded.
+    """Detections of a dense sigmoid-classifier head on anchors (RetinaNet), batched and padded:
+    :func:`detect_dense` with sigmoid scores and delta decoding.
 
     Per level: sigmoid scores over all anchor × class pairs, the ``min(topk_per_level, A_l * K)``
     best pairs, invalid where ``score <= score_threshold``. The selected anchors' deltas are
     decoded (``decode_deltas`` with ``means``, ``stds``, ``clip``) and the boxes clipped to their
     image. Then class-aware NMS over all levels of each image and the ``max_detections`` best.
-    Nothing is removed by box size. Per image this matches torchvision's RetinaNet
-    ``postprocess_detections`` (ties aside).
+    With the default ``min_box_size=0`` nothing is removed by box size, and per image this
+    matches torchvision's RetinaNet ``postprocess_detections`` (ties aside).
 
     Args:
         cls_logits: per level ``[B, A_l, K]``.
@@ -266,19 +333,20 @@ def postprocess_dense(
         anchors: per level ``[A_l, 4]``, shared by the images of the batch.
         image_sizes: ``[B, 2]`` (height, width) of each image's valid area, for clipping.
     """
-    scores = [torch.sigmoid(logits.float()) for logits in cls_logits]  # [B, A_l, K]
-    candidates = select_topk_per_level(scores, k=topk_per_level, score_threshold=score_threshold)
-    index = candidates.anchor_index  # [B, T]
-    deltas = torch.cat(list(box_deltas), dim=1)  # [B, A, 4]
-    deltas = deltas.gather(1, index[..., None].expand(-1, -1, 4))  # [B, T, 4]
-    selected_anchors = torch.cat(list(anchors), dim=0)[index]  # [B, T, 4]
-    boxes = decode_deltas(selected_anchors, deltas, means=means, stds=stds, clip=clip)
-    boxes = clip_boxes(boxes, image_sizes)  # [B, T, 4], float32 (float64 for float64 inputs)
-    return batched_nms(
-        boxes,
-        candidates.scores,
-        candidates.labels,
-        candidates.valid,
+    all_deltas = torch.cat(list(box_deltas), dim=1)  # [B, A, 4]
+    all_anchors = torch.cat(list(anchors), dim=0)  # [A, 4]
+
+    def decode(index: Tensor) -> Tensor:  # [B, T] -> [B, T, 4]
+        deltas = all_deltas.gather(1, index[..., None].expand(-1, -1, 4))  # [B, T, 4]
+        return decode_deltas(all_anchors[index], deltas, means=means, stds=stds, clip=clip)
+
+    return detect_dense(
+        [torch.sigmoid(logits.float()) for logits in cls_logits],
+        decode,
+        image_sizes,
+        score_threshold=score_threshold,
+        topk_per_level=topk_per_level,
         iou_threshold=iou_threshold,
         max_detections=max_detections,
+        min_box_size=min_box_size,
     )

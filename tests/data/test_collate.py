@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import itertools
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given
 
 from fdet.data import Sample, collate
+from fdet.data.collate import slot_buckets
 from tests.strategies import random_boxes, seeds
 
 
@@ -101,7 +105,7 @@ def test_fixed_size_and_slots() -> None:
     assert batch.gt_masks is not None and batch.gt_masks.shape == (1, 5, 32, 32)
     with pytest.raises(ValueError, match="pad_to"):
         collate(samples, pad_divisor=8, pad_to=(8, 32))
-    with pytest.raises(ValueError, match="slots"):
+    with pytest.raises(ValueError, match="image id 1 \\(2 objects\\)"):
         collate(samples, pad_divisor=8, slots=1)
     with pytest.raises(ValueError, match="no samples"):
         collate([], pad_divisor=8)
@@ -112,3 +116,118 @@ def test_batch_moves_between_devices() -> None:
     batch = collate([make_sample(g, height=4, width=4, n=1, masks=False)], pad_divisor=4)
     moved = batch.to("cpu")
     assert moved.gt_masks is None and torch.equal(moved.images, batch.images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Slot buckets
+# ------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def bucketed(draw: st.DrawFn) -> tuple[list[Sample], tuple[int, ...]]:
+    """Samples of 0 to 9 objects, and strictly ascending bucket sizes whose largest holds them."""
+    g = torch.Generator().manual_seed(draw(seeds))
+    masks = draw(st.booleans())
+    counts = draw(st.lists(st.integers(0, 9), min_size=1, max_size=4))
+    samples = [
+        make_sample(g, height=draw(st.integers(1, 12)), width=7, n=n, masks=masks, image_id=i)
+        for i, n in enumerate(counts)
+    ]
+    sizes = draw(st.sets(st.integers(0, 14), min_size=1, max_size=5))
+    return samples, tuple(sorted(sizes | {draw(st.integers(max(counts), 14))}))
+
+
+@given(case=bucketed())
+def test_buckets_pad_to_the_smallest_that_holds_the_batch(
+    case: tuple[list[Sample], tuple[int, ...]],
+) -> None:
+    samples, buckets = case
+    most = max(len(s.labels) for s in samples)
+    m = min(b for b in buckets if b >= most)
+    batch = collate(samples, pad_divisor=4, slots=buckets)
+    assert collate(samples, pad_divisor=4, slots=list(buckets)).gt_valid.shape[1] == m
+    exact = collate(samples, pad_divisor=4, slots=m)
+    unpadded = collate(samples, pad_divisor=4)  # M = max(1, most)
+    assert batch.gt_boxes.shape == (len(samples), m, 4)
+    assert (
+        batch.gt_labels.shape == batch.gt_valid.shape == batch.gt_crowd.shape == (len(samples), m)
+    )
+    for field in batch._fields:
+        a, b = getattr(batch, field), getattr(exact, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    # Equal to the unpadded collation on every valid slot; extra slots are invalid and zero.
+    n = unpadded.gt_valid.shape[1]
+    k = min(m, n)
+    assert torch.equal(batch.images, unpadded.images)
+    assert torch.equal(batch.gt_valid[:, :k], unpadded.gt_valid[:, :k])
+    assert not batch.gt_valid[:, k:].any() and not unpadded.gt_valid[:, k:].any()
+    valid = batch.gt_valid[:, :k]
+    assert torch.equal(batch.gt_boxes[:, :k][valid], unpadded.gt_boxes[:, :k][valid])
+    assert torch.equal(batch.gt_labels[:, :k][valid], unpadded.gt_labels[:, :k][valid])
+    assert torch.equal(batch.gt_crowd[:, :k][valid], unpadded.gt_crowd[:, :k][valid])
+    pad = ~batch.gt_valid
+    assert not batch.gt_boxes[pad].any() and not batch.gt_labels[pad].any()
+    assert not batch.gt_crowd[pad].any()
+    if batch.gt_masks is not None:
+        assert not batch.gt_masks[pad].any()
+
+
+def test_more_objects_than_the_largest_bucket_is_an_error_naming_the_images() -> None:
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        make_sample(g, height=8, width=8, n=n, masks=False, image_id=i)
+        for i, n in [(11, 3), (12, 7), (13, 5), (14, 9)]
+    ]
+    assert collate(samples, pad_divisor=4, slots=(4, 9)).gt_valid.shape == (4, 9)
+    with pytest.raises(
+        ValueError, match=r"largest slot bucket 6: image id 12 \(7 objects\), image id 14 \(9"
+    ):
+        collate(samples, pad_divisor=4, slots=(2, 4, 6))
+
+
+@pytest.mark.parametrize(
+    ("slots", "error"),
+    [
+        ((), ValueError),
+        ((4, 4), ValueError),
+        ((8, 4), ValueError),
+        ((-1, 4), ValueError),
+        (-1, ValueError),
+        ((2.0, 4), TypeError),
+        ("48", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_bad_slots_are_errors(slots: object, error: type[Exception]) -> None:
+    g = torch.Generator().manual_seed(0)
+    samples = [make_sample(g, height=8, width=8, n=1, masks=False)]
+    with pytest.raises(error, match="slots"):
+        collate(samples, pad_divisor=4, slots=slots)  # type: ignore[arg-type]
+
+
+def test_slot_buckets_examples() -> None:
+    assert slot_buckets(93) == (8, 16, 32, 64, 93)
+    assert slot_buckets(64) == (8, 16, 32, 64)
+    assert slot_buckets(12) == (8, 12)
+    assert slot_buckets(5) == (5,)
+    assert slot_buckets(0) == (1,)
+    assert slot_buckets(100, smallest=10, growth=3) == (10, 30, 90, 100)
+    for bad in (dict(max_count=-1), dict(max_count=9, smallest=0), dict(max_count=9, growth=1)):
+        with pytest.raises(ValueError, match="slot_buckets"):
+            slot_buckets(**bad)  # type: ignore[arg-type]
+
+
+@given(
+    max_count=st.integers(0, 5000),
+    smallest=st.integers(1, 64),
+    growth=st.floats(1.01, 4.0),
+)
+def test_slot_buckets_ascend_to_the_maximum(max_count: int, smallest: int, growth: float) -> None:
+    buckets = slot_buckets(max_count, smallest=smallest, growth=growth)
+    assert buckets[-1] == max(1, max_count)
+    assert all(a < b for a, b in itertools.pairwise(buckets))
+    assert buckets[0] == min(smallest, max(1, max_count))
+    for a, b in itertools.pairwise(buckets[:-1]):  # geometric below the maximum
+        assert b == max(a + 1, -(-a * growth // 1))
+    if growth >= 1.5:
+        assert len(buckets) <= 2 + math.log(max(1, max_count) / smallest + 1, growth)

@@ -17,6 +17,7 @@ from fdet.data import (
     infinite,
     make_loader,
 )
+from fdet.data.collate import slot_buckets
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
@@ -145,3 +146,23 @@ def test_infinite_advances_epochs_and_resumes(dataset: CocoDataset) -> None:
     resumed = infinite(loader, start_iteration=3)
     assert [next(resumed).image_ids.tolist() for _ in range(2)] == ids[3:5]
     assert loader.epoch == 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_pads_slots_to_buckets(dataset: CocoDataset, num_workers: int) -> None:
+    most = max(len(anns) for anns in dataset.coco.imgToAnns.values())
+    buckets = slot_buckets(most, smallest=2)
+    assert len(buckets) > 2
+    kw = dict(batch_size=3, shuffle=True, seed=0, pad_divisor=32, drop_last=True, epoch=1)
+    bucketed = list(make_loader(dataset, num_workers=num_workers, slots=buckets, **kw))
+    exact = list(make_loader(dataset, num_workers=0, slots=most, **kw))
+    assert _flat(bucketed) == _flat(exact)
+    sizes = set()
+    for batch in bucketed:
+        m = batch.gt_valid.shape[1]
+        assert m == min(b for b in buckets if b >= int(batch.gt_valid.sum(1).max()))
+        sizes.add(m)
+    assert len(sizes) > 1  # the slot count follows the batch
+    assert all(batch.gt_valid.shape[1] == most for batch in exact)
+    with pytest.raises(ValueError, match="slots"):
+        make_loader(dataset, num_workers=num_workers, slots=(4, 2), **kw)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from unittest import mock
 
@@ -267,35 +269,117 @@ def test_nms_separates_images_and_labels():
     assert keep.tolist() == [[False, True, True], [True, True, False]]
 
 
+@pytest.mark.parametrize("iou_threshold", [-0.1, float("nan")])
+def test_nms_keep_mask_rejects_a_threshold_below_zero(iou_threshold):
+    g = torch.Generator().manual_seed(0)
+    boxes, scores, labels, valid = nms_inputs(g, 1, 5, 2, 1.0)
+    with pytest.raises(ValueError, match="iou_threshold"):
+        nms_keep_mask(boxes, scores, labels, valid, iou_threshold=iou_threshold)
+
+
 def test_call_ends_pack_whole_groups():
     assert postprocess_module._call_ends([3, 1, 1, 300, 2], 4) == [4, 5, 305, 307]
     assert postprocess_module._call_ends([2, 2], 1) == [2, 4]
     assert postprocess_module._call_ends([5], 100) == [5]
+    assert postprocess_module._call_ends([], 100) == [0]
+
+
+@given(sizes=st.lists(st.integers(1, 40), max_size=30), max_size=st.integers(1, 100))
+def test_call_ends_are_greedy_runs_of_whole_groups(sizes, max_size):
+    ends = postprocess_module._call_ends(sizes, max_size)
+    group_ends = list(itertools.accumulate(sizes))
+    assert ends[-1] == sum(sizes)  # covers everything
+    if not sizes:
+        return
+    starts = [0, *ends[:-1]]
+    assert all(a < b for a, b in zip(starts, ends))  # in order, no empty run
+    assert set(ends) <= set(group_ends)  # runs end where groups end: groups stay whole
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        groups = [size for size, e in zip(sizes, group_ends) if start < e <= end]
+        assert end - start <= max_size or len(groups) == 1  # only a lone group is larger
+        if i + 1 < len(ends):  # greedy: the next group would not have fitted
+            next_group = sizes[group_ends.index(end) + 1]
+            assert end - start + next_group > max_size
+
+
+def test_call_size_depends_on_the_device_type():
+    assert postprocess_module._call_size(torch.device("cpu")) == postprocess_module._CPU_CALL_SIZE
+    cuda = postprocess_module._CUDA_CALL_SIZE
+    assert postprocess_module._call_size(torch.device("cuda")) == cuda
+    assert postprocess_module._call_size(torch.device("cuda", 1)) == cuda
+    # A CUDA call's suppression mask, C × ceil(C / 64) int64 words, stays within a few MiB.
+    assert cuda * math.ceil(cuda / 64) * 8 <= 4 * 2**20
+
+
+@contextlib.contextmanager
+def nms_calls(call_size: int):
+    """Sets the CPU run size and records the size of every NMS kernel call."""
+    sizes: list[int] = []
+    kernel = torch.ops.torchvision.nms
+
+    def spy(boxes, scores, iou_threshold):
+        sizes.append(len(boxes))
+        return kernel(boxes, scores, iou_threshold)
+
+    with (
+        mock.patch.object(postprocess_module, "_CPU_CALL_SIZE", call_size),
+        mock.patch.object(torch.ops.torchvision, "nms", spy),
+    ):
+        yield sizes
+
+
+def group_sizes(labels: torch.Tensor, valid: torch.Tensor) -> list[int]:
+    """Sizes of the (image, label) groups of the valid candidates."""
+    return [
+        int(count)
+        for image_labels, image_valid in zip(labels, valid)
+        for count in image_labels[image_valid].unique(return_counts=True)[1]
+    ]
+
+
+@st.composite
+def nms_batches(draw: st.DrawFn):
+    """Boxes, scores, labels and valid of 0 to 3 images; rows all valid, half or all invalid;
+    few labels, so that groups are often larger than the run sizes used with them."""
+    g = torch.Generator().manual_seed(draw(seeds))
+    batch = draw(st.integers(0, 3))
+    num = draw(st.integers(0, 50))
+    boxes, scores, labels, _ = nms_inputs(g, batch, num, draw(st.integers(1, 3)), 1.0)
+    fractions = draw(st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=batch, max_size=batch))
+    fraction = torch.tensor(fractions).reshape(batch, 1)
+    valid = torch.rand(batch, num, generator=g) < fraction
+    return boxes, scores, labels, valid
 
 
 @given(
-    seed=seeds,
-    batch=st.integers(1, 3),
-    num=st.integers(0, 60),
-    num_labels=st.integers(1, 5),
-    call_size=st.sampled_from([1, 7, 40, 10**9]),
+    case=nms_batches(),
+    call_size=st.integers(1, 24),
+    iou_threshold=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
 )
-def test_nms_keep_mask_does_not_depend_on_how_groups_are_packed(
-    seed, batch, num, num_labels, call_size
-):
-    g = torch.Generator().manual_seed(seed)
-    boxes, scores, labels, valid = nms_inputs(g, batch, num, num_labels, 0.8)
-    ref = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.4)
-    with mock.patch.object(postprocess_module, "_CPU_CALL_SIZE", call_size):
-        packed = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.4)
-    assert torch.equal(packed, ref)
+def test_nms_keep_mask_in_runs_equals_one_call_and_torchvision(case, call_size, iou_threshold):
+    boxes, scores, labels, valid = case
+    with nms_calls(10**9) as one:
+        ref = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=iou_threshold)
+    with nms_calls(call_size) as runs:
+        keep = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=iou_threshold)
+    assert torch.equal(keep, ref)
+    assert keep.shape == valid.shape and not keep[~valid].any()
+    groups = group_sizes(labels, valid)
+    assert len(one) == (1 if groups else 0) and sum(runs) == sum(groups)
+    assert all(size <= call_size or size in groups for size in runs)
+    for b in range(valid.shape[0]):
+        v = valid[b]
+        kept = torchvision.ops.batched_nms(boxes[b][v], scores[b][v], labels[b][v], iou_threshold)
+        expected = torch.zeros(int(v.sum()), dtype=torch.bool).index_fill(0, kept, True)
+        assert torch.equal(keep[b][v], expected), f"image {b}"
 
 
-@pytest.mark.parametrize("call_size", [None, 64])
+@pytest.mark.parametrize("call_size", [None, 64, postprocess_module._CUDA_CALL_SIZE])
 def test_nms_keep_mask_matches_torchvision_on_crowded_images(call_size):
     # Several thousand candidates an image, labels of very different sizes (one group larger
-    # than a kernel call), a wide coordinate range and ties: the packing into calls and the
-    # group offsets must not change what is kept.
+    # than a kernel call of 64), a wide coordinate range and ties: the packing into calls and
+    # the group offsets must not change what is kept. With the CUDA run size the CPU kernel
+    # runs what the CUDA path runs.
     g = torch.Generator().manual_seed(3)
     batch, num = 3, 3000
     boxes = random_boxes(g, (batch, num), image_size=2000.0, max_size=400.0) - 700.0
@@ -303,8 +387,11 @@ def test_nms_keep_mask_matches_torchvision_on_crowded_images(call_size):
     labels = torch.minimum(torch.randint(0, 40, (batch, num), generator=g), torch.tensor(30))
     valid = torch.rand(batch, num, generator=g) < 0.9
     size = postprocess_module._CPU_CALL_SIZE if call_size is None else call_size
-    with mock.patch.object(postprocess_module, "_CPU_CALL_SIZE", size):
+    with nms_calls(size) as calls:
         keep = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.5)
+    groups = group_sizes(labels, valid)
+    assert sum(calls) == int(valid.sum()) and len(calls) > 1
+    assert all(c <= size or c in groups for c in calls)
     for b in range(batch):
         v = valid[b]
         ref = torchvision.ops.batched_nms(boxes[b][v], scores[b][v], labels[b][v], 0.5)
@@ -320,12 +407,15 @@ def test_nms_keep_mask_op_passes_opcheck():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nms_keep_mask_on_cuda_equals_cpu():
+@pytest.mark.parametrize("call_size", [None, 100])
+def test_nms_keep_mask_on_cuda_equals_cpu(call_size):
     g = torch.Generator().manual_seed(1)
-    boxes, scores, labels, valid = nms_inputs(g, 4, 500, 6, 0.8)
+    boxes, scores, labels, valid = nms_inputs(g, 4, 3000, 6, 0.8)
     ref = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=0.5)
     args = (boxes.cuda(), scores.cuda(), labels.cuda(), valid.cuda())
-    keep = nms_keep_mask(*args, iou_threshold=0.5)
+    size = postprocess_module._CUDA_CALL_SIZE if call_size is None else call_size
+    with mock.patch.object(postprocess_module, "_CUDA_CALL_SIZE", size):
+        keep = nms_keep_mask(*args, iou_threshold=0.5)
     assert keep.device.type == "cuda"
     assert torch.equal(keep.cpu(), ref)
 
