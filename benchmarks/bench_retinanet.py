@@ -74,6 +74,7 @@ from fdet.compat.torchvision import (
     state_dict_from_torchvision,
 )
 from fdet.data.sample import Batch
+from fdet.models.detectors.base import total_loss
 from fdet.models.detectors.retinanet import (
     RetinaNet,
     retinanet_anchors,
@@ -224,7 +225,7 @@ def shapes_tv_model(spec: specs.RetinaNet, size: int) -> TVRetinaNet:
         spec.neck.channels,
         anchors.per_location,
         spec.num_classes,
-        norm_layer=partial(nn.GroupNorm, spec.head.gn_groups),
+        norm_layer=partial(nn.GroupNorm, spec.head.norm.groups),
     )
     for sub in (head.classification_head, head.regression_head):
         sub.conv = nn.Sequential(*list(sub.conv)[: spec.head.num_convs])
@@ -318,7 +319,7 @@ def train_row(tv: TVRetinaNet, detector: RetinaNet, batch: Batch, settings: Sett
 
     def fdet_step() -> None:
         fdet_opt.zero_grad(set_to_none=True)
-        loss = detector.loss(detector(fdet_images), batch).loss
+        loss = total_loss(detector.loss(detector(fdet_images), batch))
         loss.backward()
         fdet_opt.step()
         first.setdefault("fdet", float(loss.detach()))
@@ -413,7 +414,7 @@ def objective_row(settings: Settings) -> Result:
     ) -> Tensor:
         outputs = RetinaHeadOutputs(tuple(cls_logits), tuple(box_deltas), sizes)
         anchors = retinanet_anchors(sizes, spec=spec.anchors, device=gt_boxes.device)
-        return retinanet_loss(
+        terms = retinanet_loss(
             outputs,
             anchors,
             gt_boxes,
@@ -424,7 +425,8 @@ def objective_row(settings: Settings) -> Result:
             coder=spec.coder,
             cls_loss=spec.cls_loss,
             box_loss=spec.box_loss,
-        ).loss
+        )
+        return total_loss(terms)
 
     args = (cls_levels, box_levels, gt_boxes, gt_labels, gt_valid)
     anchors = retinanet_anchors(sizes, spec=spec.anchors)

@@ -19,6 +19,8 @@ from _common import cpu_model, interleaved, median
 from bench_retinanet import random_batch, random_images, shapes_pair, tv_targets
 from torch._inductor import config as inductor_config
 
+from fdet.models.detectors.base import total_loss
+
 
 def step_fns(detector: Any, tv: Any, batch: Any, mode: str) -> tuple[Any, Any]:
     images = batch.images if detector.input_range == 255.0 else batch.images.float() / 255
@@ -31,7 +33,7 @@ def step_fns(detector: Any, tv: Any, batch: Any, mode: str) -> tuple[Any, Any]:
 
     def fdet_step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(forward(images), batch).loss.backward()
+        total_loss(loss_fn(forward(images), batch)).backward()
         opt.step()
 
     def tv_step() -> None:

@@ -50,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise SystemExit("fdet train: error: a spec file (or --resume RUN_DIR) is needed")
         exp = specs.load(args.spec, specs.Experiment, name=args.name)
         if args.set:
-            from fdet.train.overrides import apply_overrides
+            from fdet.specs import apply_overrides
 
             exp = apply_overrides(exp, args.set)
         if args.compile:
@@ -132,6 +132,38 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_plugins(items: Sequence[str]) -> None:
+    """Import each ``--import`` item: a module name (looked up from the current folder too) or
+    a ``.py`` file, so that the spec classes and builders it registers are known."""
+    import importlib
+    import os
+
+    from fdet.specs import load_module
+
+    if items and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for item in items:
+        try:
+            if item.endswith(".py"):
+                load_module(item)
+            else:
+                importlib.import_module(item)
+        except (ImportError, FileNotFoundError) as e:
+            raise SystemExit(f"fdet: error: --import {item}: {e}") from None
+
+
+def _add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module or .py file first: one that defines and registers spec classes "
+        "of your own (repeatable)",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     from fdet import __version__
 
@@ -146,6 +178,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
     p.add_argument("--build", action="store_true", help="also build it and count parameters")
+    _add_import(p)
     p.set_defaults(func=_cmd_spec)
 
     p = sub.add_parser("train", help="train an experiment spec")
@@ -164,10 +197,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the constant to take from a .py file (default: EXPERIMENT)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    _add_import(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="COCO evaluation of a trained run or checkpoint")
-    p.add_argument("run", help="a run folder (uses checkpoints/last.pt) or a checkpoint file")
+    p.add_argument(
+        "run", help="a run folder (uses its newest checkpoints/iter_N.pt) or a checkpoint file"
+    )
     p.add_argument(
         "--data",
         nargs=2,
@@ -182,6 +218,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--results", help="write the COCO-format detections as JSON here")
+    _add_import(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("data", help="data set tools")
@@ -203,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fdet.specs import SpecError
     from fdet.train.engine import TrainingError
 
+    _import_plugins(getattr(args, "imports", []))
     try:
         return int(args.func(args))
     except (SpecError, DataError, TrainingError, FileNotFoundError) as e:

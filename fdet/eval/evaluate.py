@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -12,7 +13,7 @@ from fdet.data.sample import Batch
 from fdet.eval.coco import Backend, CocoMetrics, detections_to_coco, evaluate_coco
 from fdet.ops.postprocess import Detections
 
-__all__ = ["CocoSource", "Predictor", "evaluate_model"]
+__all__ = ["CocoSource", "Predictions", "Predictor", "evaluate_model", "predict_coco"]
 
 
 class Predictor(Protocol):
@@ -35,6 +36,89 @@ class CocoSource(Protocol):
     def label_to_category_id(self) -> Sequence[int]: ...
 
 
+class Predictions(NamedTuple):
+    """What :func:`predict_coco` collects: COCO results, the ids of the images seen, and (with
+    ``with_loss``) each loss term summed over the images, as a ``Term`` of sums."""
+
+    results: list[dict[str, Any]]
+    image_ids: list[int]
+    loss_terms: dict[str, Any]  # name -> fdet.models.detectors.Term of summed totals and counts
+
+
+def predict_coco(
+    model: Any,
+    loader: Iterable[Batch],
+    dataset: CocoSource,
+    *,
+    device: torch.device | str = "cpu",
+    max_images: int | None = None,
+    autocast: contextlib.AbstractContextManager | None = None,
+    with_loss: bool = False,
+) -> Predictions:
+    """Run ``model`` over the batches of ``loader`` and collect COCO results.
+
+    The model runs in eval mode under ``torch.inference_mode()`` (its previous mode is restored
+    afterwards). Detections become COCO records in original image pixels (``batch.scales``,
+    ``batch.image_ids``, ``dataset.label_to_category_id``). With ``max_images``, it stops after
+    that many images (the last batch is cut). With ``with_loss`` the model's loss terms are
+    summed as well, from the same forward pass (``model`` then follows the detector contract:
+    ``model(images)``, ``model.loss``, ``model.postprocess``); ``autocast`` wraps the forward.
+    """
+    if max_images is not None and max_images < 0:
+        raise ValueError(f"evaluate_model: max_images must be >= 0, got {max_images}")
+    was_training = model.training
+    model.train(False)
+    results: list[dict[str, Any]] = []
+    seen: list[int] = []
+    sums: dict[str, Any] = {}
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                if max_images is not None and len(seen) >= max_images:
+                    break
+                count = batch.images.shape[0]
+                if max_images is not None and count > max_images - len(seen):
+                    count = max_images - len(seen)
+                    batch = Batch(*(_head(t, count) for t in batch))
+                images = batch.images.to(device)
+                sizes = batch.image_sizes.to(device)
+                if with_loss:
+                    with autocast or contextlib.nullcontext():
+                        outputs = model(images)
+                    terms = model.loss(outputs, batch.to(device))
+                    for name, term in terms.items():
+                        held = sums.get(name)
+                        sums[name] = (
+                            term
+                            if held is None
+                            else held._replace(
+                                total=held.total + term.total, count=held.count + term.count
+                            )
+                        )
+                    detections = model.postprocess(outputs, sizes)
+                elif autocast is not None:
+                    with autocast:
+                        detections = model.predict(images, sizes)
+                else:
+                    detections = model.predict(images, sizes)
+                results.extend(
+                    detections_to_coco(
+                        detections,
+                        image_ids=batch.image_ids,
+                        scales=batch.scales,
+                        label_to_category_id=dataset.label_to_category_id,
+                    )
+                )
+                seen.extend(int(i) for i in batch.image_ids.tolist())
+    finally:
+        model.train(was_training)
+    return Predictions(results, seen, sums)
+
+
+def _head(value: Any, count: int) -> Any:
+    return value[:count] if isinstance(value, Tensor) else value
+
+
 def evaluate_model(
     model: Predictor,
     loader: Iterable[Batch],
@@ -47,39 +131,13 @@ def evaluate_model(
     """COCO metrics of ``model`` on the batches of ``loader``, and the results they came from.
 
     The model runs in eval mode under ``torch.inference_mode()`` (its previous mode is restored
-    afterwards) on ``batch.images`` and ``batch.image_sizes`` moved to ``device``. Detections
-    become COCO records in original image pixels (``batch.scales``, ``batch.image_ids``,
-    ``dataset.label_to_category_id``), and only the images seen are evaluated against
-    ``dataset.coco``: a loader over a subset gives that subset's metrics. With ``max_images``,
-    evaluation stops after that many images (the last batch is cut).
+    afterwards) on ``batch.images`` and ``batch.image_sizes`` moved to ``device``
+    (:func:`predict_coco`). Only the images seen are evaluated against ``dataset.coco``: a loader
+    over a subset gives that subset's metrics. With ``max_images``, evaluation stops after that
+    many images (the last batch is cut).
     """
-    if max_images is not None and max_images < 0:
-        raise ValueError(f"evaluate_model: max_images must be >= 0, got {max_images}")
-    was_training = model.training
-    model.train(False)
-    results: list[dict[str, Any]] = []
-    seen: list[int] = []
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                if max_images is not None and len(seen) >= max_images:
-                    break
-                count = batch.images.shape[0]
-                if max_images is not None:
-                    count = min(count, max_images - len(seen))
-                detections = model.predict(
-                    batch.images[:count].to(device), batch.image_sizes[:count].to(device)
-                )
-                results.extend(
-                    detections_to_coco(
-                        detections,
-                        image_ids=batch.image_ids[:count],
-                        scales=batch.scales[:count],
-                        label_to_category_id=dataset.label_to_category_id,
-                    )
-                )
-                seen.extend(int(i) for i in batch.image_ids[:count].tolist())
-    finally:
-        model.train(was_training)
-    metrics = evaluate_coco(dataset.coco, results, backend=backend, image_ids=seen)
-    return metrics, results
+    predictions = predict_coco(model, loader, dataset, device=device, max_images=max_images)
+    metrics = evaluate_coco(
+        dataset.coco, predictions.results, backend=backend, image_ids=predictions.image_ids
+    )
+    return metrics, predictions.results

@@ -12,9 +12,17 @@ import torch
 from jaxtyping import Bool, Float, Int, Int8
 from torch import Tensor
 
-from fdet.ops.boxes import box_iou
+from fdet.ops.boxes import box_ioa, box_iou
 
-__all__ = ["IGNORE", "NEGATIVE", "POSITIVE", "Assignment", "assign_max_iou"]
+__all__ = [
+    "IGNORE",
+    "NEGATIVE",
+    "POSITIVE",
+    "Assignment",
+    "assign_max_iou",
+    "crowd_covered",
+    "ignore_crowd_covered",
+]
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
 
@@ -45,6 +53,8 @@ def assign_max_iou(
     low_quality_matches: bool = True,
     min_low_quality_iou: float = 0.0,
     ignore_mask: Bool[Tensor, " A"] | Bool[Tensor, "B A"] | None = None,
+    gt_crowd: Bool[Tensor, "B M"] | None = None,
+    crowd_ioa: float = 0.5,
 ) -> Assignment:
     """Max-IoU labelling, as in RetinaNet and the RPN of Faster R-CNN.
 
@@ -92,6 +102,10 @@ def assign_max_iou(
     matching, so a gt's best anchor is sought among the others. ``gt_index`` and ``iou`` are still
     reported for them.
 
+    Crowd regions (``gt_crowd``, COCO ``iscrowd``; only valid slots count): never matched and
+    never promote a low-quality match; an anchor that lies more than ``crowd_ioa`` inside a crowd
+    box is IGNORE unless it is POSITIVE for a real gt (:func:`ignore_crowd_covered`).
+
     Args:
         anchors: ``[A, 4]`` shared by the batch, or ``[B, A, 4]`` per image.
         gt_boxes: ``[B, M, 4]`` padded gt boxes; padded slots may hold anything, even NaN.
@@ -112,6 +126,10 @@ def assign_max_iou(
     if num_gt == 0:  # static: give the batch one padded slot, so that every image is empty
         gt_boxes = gt_boxes.new_zeros(batch, 1, 4)
         gt_valid = gt_valid.new_zeros(batch, 1)
+        gt_crowd = None
+    crowd = None if gt_crowd is None else gt_crowd & gt_valid  # [B, M]
+    if crowd is not None:
+        gt_valid = gt_valid & ~crowd
 
     valid = gt_valid[:, :, None]  # [B, M, 1]
     # Not differentiated: without autograd box_iou works in place, and so does the rest.
@@ -136,8 +154,42 @@ def assign_max_iou(
     label = torch.where(positive, POSITIVE, label)
     if ignore_mask is not None:
         label = torch.where(ignore_mask, IGNORE, label)
-    return Assignment(
+    assignment = Assignment(
         gt_index=gt_index,
         label=label.to(torch.int8),
         iou=best_iou.clamp(min=0.0),
     )
+    if crowd is None:
+        return assignment
+    return ignore_crowd_covered(assignment, anchors, gt_boxes, crowd, crowd_ioa=crowd_ioa)
+
+
+def crowd_covered(
+    anchors: Float[Tensor, "A 4"] | Float[Tensor, "B A 4"],
+    gt_boxes: Float[Tensor, "B M 4"],
+    crowd: Bool[Tensor, "B M"],
+    *,
+    crowd_ioa: float,
+) -> Bool[Tensor, "B A"]:
+    """Anchors lying more than ``crowd_ioa`` of their own area inside a crowd box of their image
+    (a zero-area anchor is never covered). ``crowd`` must be False on padded slots, whose boxes
+    may hold anything, even NaN."""
+    ioa = box_ioa(anchors.detach(), gt_boxes.detach())  # [B, A, M]: share of each anchor inside
+    return ((ioa > crowd_ioa) & crowd[:, None, :]).any(dim=2)  # [B, A]
+
+
+def ignore_crowd_covered(
+    assignment: Assignment,
+    anchors: Float[Tensor, "A 4"] | Float[Tensor, "B A 4"],
+    gt_boxes: Float[Tensor, "B M 4"],
+    crowd: Bool[Tensor, "B M"],
+    *,
+    crowd_ioa: float,
+) -> Assignment:
+    """``assignment`` with every non-POSITIVE anchor covered by a crowd region
+    (:func:`crowd_covered`) relabelled IGNORE: every assigner calls this after matching the
+    non-crowd gts, so crowds are handled the same way in every family."""
+    covered = crowd_covered(anchors, gt_boxes, crowd, crowd_ioa=crowd_ioa)  # [B, A]
+    ignore = covered & (assignment.label != POSITIVE)
+    label = torch.where(ignore, IGNORE, assignment.label).to(torch.int8)
+    return assignment._replace(label=label)

@@ -33,6 +33,7 @@ from fdet.compat.torchvision import (
     state_dict_from_torchvision,
 )
 from fdet.models import RetinaNet
+from fdet.models.detectors.base import total_loss
 from fdet.models.detectors.retinanet import retinanet_anchors, retinanet_loss
 from fdet.models.heads.retina import RetinaHeadOutputs
 
@@ -168,9 +169,22 @@ def slice_outputs(outputs: RetinaHeadOutputs, index: slice) -> RetinaHeadOutputs
     )
 
 
-def fdet_loss(spec: specs.RetinaNet, outputs: RetinaHeadOutputs, targets):
+class Losses(NamedTuple):
+    """fdet's objective of one batch, read off its loss terms."""
+
+    loss: torch.Tensor
+    cls_loss: torch.Tensor
+    box_loss: torch.Tensor
+    num_pos: torch.Tensor
+
+
+def summarize(terms) -> Losses:
+    return Losses(total_loss(terms), terms["cls"].value(), terms["box"].value(), terms["cls"].count)
+
+
+def fdet_loss(spec: specs.RetinaNet, outputs: RetinaHeadOutputs, targets) -> Losses:
     anchors = retinanet_anchors(outputs.feature_sizes, spec=spec.anchors)
-    return retinanet_loss(
+    terms = retinanet_loss(
         outputs,
         anchors,
         *pad_targets(targets),
@@ -179,6 +193,7 @@ def fdet_loss(spec: specs.RetinaNet, outputs: RetinaHeadOutputs, targets):
         cls_loss=spec.cls_loss,
         box_loss=spec.box_loss,
     )
+    return summarize(terms)
 
 
 def test_anchors_match_torchvision(pairs) -> None:
@@ -258,7 +273,7 @@ def test_padded_batch_loss_is_the_per_image_sums_over_all_positives(pairs, versi
     )
     # and the module method reads the same gts from a batch-like object
     batch = NamedTupleBatch(*pad_targets(targets))
-    assert_losses_equal(det.loss(outputs, batch), ours)
+    assert_losses_equal(summarize(det.loss(outputs, batch)), ours)
 
 
 class NamedTupleBatch(NamedTuple):
@@ -288,11 +303,14 @@ def test_spec_is_the_zoo_recipe(version, zoo_file) -> None:
     expected = attrs.evolve(
         zoo,
         # torchvision's untrained models: trainable batch norm, nothing frozen
-        backbone=attrs.evolve(zoo.backbone, norm="bn", frozen_stages=-1),
+        backbone=attrs.evolve(zoo.backbone, norm=specs.BatchNorm(), frozen_stages=-1),
         normalize=attrs.evolve(zoo.normalize, input_range=1.0),
     )
     assert spec_from_torchvision(tv) == expected
-    assert spec_from_torchvision(tv, batch_norm="frozen_bn").backbone.norm == "frozen_bn"
+    frozen = specs.FrozenBatchNorm()
+    assert spec_from_torchvision(tv, batch_norm=frozen).backbone.norm == frozen
+    with pytest.raises(TypeError, match="batch_norm must be"):
+        spec_from_torchvision(tv, batch_norm="frozen_bn")  # type: ignore[arg-type]
 
 
 def test_every_setting_is_read() -> None:
@@ -347,7 +365,7 @@ def test_frozen_batch_norm_with_another_eps_converts_exactly() -> None:
     tv.eval()
     det = load_torchvision(tv)
     spec = spec_from_torchvision(tv)
-    assert spec.backbone.depth == 18 and spec.backbone.norm == "frozen_bn"
+    assert spec.backbone.depth == 18 and spec.backbone.norm == specs.FrozenBatchNorm()
     assert spec.backbone.frozen_stages == 1  # trainable layers 3: stem and layer1 frozen
     assert not any(p.requires_grad for p in det.backbone.layer1.parameters())
     assert all(p.requires_grad for p in det.backbone.layer2.parameters())

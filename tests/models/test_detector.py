@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from fdet import build, specs
-from fdet.models import RetinaNet, SingleStageDetector
+from fdet.models import DenseDetector, Detector, RetinaNet
 from fdet.models.detectors.retinanet import retinanet_anchors
 from fdet.ops.anchors import anchor_offsets, grid_anchors, level_sizes
 from fdet.ops.postprocess import Detections
@@ -21,7 +21,7 @@ ZOO = Path(__file__).resolve().parents[2] / "specs/retinanet"
 
 def tiny_spec(num_classes: int = 3) -> specs.RetinaNet:
     return specs.RetinaNet(
-        backbone=specs.ResNet(depth=18, out_levels=(3, 4, 5), width=16, norm="bn"),
+        backbone=specs.ResNet(depth=18, out_levels=(3, 4, 5), width=16, norm=specs.BatchNorm()),
         neck=specs.FPN(channels=32),
         head=specs.RetinaHead(num_classes=num_classes, num_convs=1, channels=32),
     )
@@ -30,7 +30,8 @@ def tiny_spec(num_classes: int = 3) -> specs.RetinaNet:
 def test_outputs_line_up_with_anchors() -> None:
     spec = tiny_spec()
     model = build(spec).eval()
-    assert isinstance(model, SingleStageDetector) and isinstance(model, RetinaNet)
+    assert isinstance(model, Detector) and isinstance(model, DenseDetector)
+    assert isinstance(model, RetinaNet)
     images = torch.rand(2, 3, 96, 128) * 255
     out = model(images)
     a = spec.anchors
@@ -83,7 +84,7 @@ def test_images_must_be_rgb_batches() -> None:
 def test_parameter_count_matches_torchvision_retinanet(zoo_file, ctor) -> None:
     spec = specs.load(ZOO / zoo_file, specs.RetinaNet, name="MODEL")
     # torchvision's untrained model uses trainable batch norm (its affine terms are parameters)
-    spec = attrs.evolve(spec, backbone=attrs.evolve(spec.backbone, norm="bn"))
+    spec = attrs.evolve(spec, backbone=attrs.evolve(spec.backbone, norm=specs.BatchNorm()))
     with torch.device("meta"):
         ours = build(spec)
         theirs = ctor(weights=None, weights_backbone=None, num_classes=80)

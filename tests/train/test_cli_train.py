@@ -27,7 +27,7 @@ def tiny_experiment(cache: Path, **kw: object) -> specs.Experiment:
             min_size=(64,), max_size=64, hflip_prob=0.5, pad_divisor=32
         ),
         val_transforms=specs.Transforms(min_size=(64,), max_size=64, pad_divisor=32),
-        schedule=specs.Schedule(kind="cosine", warmup_iters=2),
+        schedule=specs.Schedule(warmup=specs.LinearWarmup(iters=2), decay=specs.CosineDecay()),
         batch_size=4,
         iterations=6,
         eval_interval=3,
@@ -158,10 +158,11 @@ def test_non_finite_loss_stops_training_with_a_clear_error(
 
     real = RetinaNet.loss
 
-    def nan_loss(self: RetinaNet, outputs: object, batch: object, **kw: object) -> object:
-        result = real(self, outputs, batch, **kw)  # type: ignore[arg-type]
-        return result._replace(loss=result.loss * float("nan"))
+    def nan_loss(self: RetinaNet, outputs: object, batch: object) -> object:
+        terms = real(self, outputs, batch)  # type: ignore[arg-type]
+        box = terms["box"]
+        return {**terms, "box": box._replace(total=box.total * float("nan"))}
 
     monkeypatch.setattr(RetinaNet, "loss", nan_loss)
-    with pytest.raises(TrainingError, match=r"the loss is not finite .* iterations 1–2"):
+    with pytest.raises(TrainingError, match=r"loss is not finite .* iterations 1–2.*'box': nan"):
         train(tiny_experiment(tmp_path / "cache"), tmp_path / "run", progress=False)

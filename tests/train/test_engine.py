@@ -22,7 +22,8 @@ def gn_experiment(cache: Path, **kw: object) -> specs.Experiment:
     """A model without batch statistics, so that batch composition cannot change the math."""
     exp = tiny_experiment(cache)
     model = attrs.evolve(
-        exp.model, backbone=attrs.evolve(exp.model.backbone, norm="gn", gn_groups=8, width=16)
+        exp.model,
+        backbone=attrs.evolve(exp.model.backbone, norm=specs.GroupNorm(groups=8), width=16),
     )
     defaults: dict[str, object] = {
         "model": model,

@@ -78,7 +78,7 @@ def test_learning_rate_scales_with_the_total_batch(tmp_path: Path) -> None:
         log_interval=1,
         base_batch_size=16,
         optimizer=specs.SGD(lr=0.08),
-        schedule=specs.Schedule(kind="flat", warmup="none", warmup_iters=0),
+        schedule=specs.Schedule(warmup=None, decay=specs.ConstantDecay()),
     )
     train(exp, tmp_path / "run", progress=False, final_eval=False)
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -1,23 +1,28 @@
-"""Whole detectors composed from backbone, neck and head modules."""
+"""Whole detectors. Start with :mod:`fdet.models.detectors.base`: the contract every family
+follows (``forward``, ``loss`` → :class:`Term` s, ``postprocess``, ``predict``)."""
 
+from fdet.models.detectors.base import Detector, LossTerms, Term, term_values, total_loss
+from fdet.models.detectors.dense import DenseDetector
 from fdet.models.detectors.retinanet import (
     RetinaNet,
-    RetinaNetLoss,
     build_retinanet,
     retinanet_anchors,
     retinanet_assign,
     retinanet_loss,
     retinanet_postprocess,
 )
-from fdet.models.detectors.single_stage import SingleStageDetector
 
 __all__ = [
+    "DenseDetector",
+    "Detector",
+    "LossTerms",
     "RetinaNet",
-    "RetinaNetLoss",
-    "SingleStageDetector",
+    "Term",
     "build_retinanet",
     "retinanet_anchors",
     "retinanet_assign",
     "retinanet_loss",
     "retinanet_postprocess",
+    "term_values",
+    "total_loss",
 ]

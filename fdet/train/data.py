@@ -1,0 +1,116 @@
+"""The data of an experiment: its data sets (generated on first use for the shapes set), the
+checks that they fit the model, and the training loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import torch
+
+from fdet import specs
+
+__all__ = ["DataSets", "check_classes", "experiment_loader", "make_datasets", "max_objects"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a data set that does not fit the model, a
+    precision the device cannot run)."""
+
+
+@attrs.frozen
+class DataSets:
+    """The train and val data sets of an experiment (``fdet.data.coco.CocoDataset``)."""
+
+    train: Any
+    val: Any
+
+
+def make_datasets(exp: specs.Experiment, *, with_train: bool = True) -> DataSets:
+    """Open (and for the shapes set, generate on first use) the experiment's data sets
+    (``with_train=False``: the validation set only; ``train`` is then None).
+
+    The model's class count must match the data's categories, and the validation set must have
+    the training set's categories (the same ids), or labels would be mapped to the wrong ids."""
+    from fdet.data.coco import CocoDataset
+    from fdet.data.transforms import build_transform
+
+    data = exp.data
+    train_args: tuple[str | Path, str | Path]
+    val_args: tuple[str | Path, str | Path]
+    on_bad: Literal["error", "skip"]
+    if isinstance(data, specs.ShapesData):
+        from fdet.data.shapes import ensure_shapes
+
+        paths = ensure_shapes(data)
+        train_args = (paths.train_images, paths.train_annotations)
+        val_args = (paths.val_images, paths.val_annotations)
+        on_bad = "error"
+    else:
+        train_args = (data.train_images, data.train_annotations)
+        val_args = (data.val_images, data.val_annotations)
+        on_bad = data.on_bad_input
+    val = CocoDataset(
+        *val_args, on_bad_input=on_bad, transform=build_transform(exp.val_transforms, train=False)
+    )
+    train = None
+    if with_train:
+        train_transform = build_transform(exp.train_transforms, train=True)
+        train = CocoDataset(
+            *train_args, on_bad_input=on_bad, transform=train_transform, seed=exp.seed
+        )
+        if tuple(val.label_to_category_id) != tuple(train.label_to_category_id):
+            raise TrainingError(
+                f"the validation set's category ids {tuple(val.label_to_category_id)} differ "
+                f"from the training set's {tuple(train.label_to_category_id)} ({val_args[1]} vs "
+                f"{train_args[1]})"
+            )
+    check_classes(exp.model, val, "training" if train is not None else "validation")
+    return DataSets(train=train, val=val)
+
+
+def check_classes(model: specs.Spec, dataset: Any, name: str = "data") -> None:
+    """A clear error when the model's class count differs from the data set's categories."""
+    num_classes = len(dataset.label_to_category_id)
+    expected = getattr(model, "num_classes", None)
+    if expected is not None and num_classes != expected:
+        raise TrainingError(
+            f"the model predicts {expected} classes ({type(model).__name__}.num_classes) but "
+            f"the {name} set has {num_classes} categories"
+        )
+
+
+def max_objects(dataset: Any) -> int:
+    """The most annotations of any image of a COCO-format data set (at least 1)."""
+    per_image = getattr(dataset.coco, "imgToAnns", {})
+    return max([1, *(len(anns) for anns in per_image.values())])
+
+
+def experiment_loader(
+    exp: specs.Experiment, dataset: Any, *, train: bool, rank: int = 0, world_size: int = 1
+) -> Any:
+    """The loader of ``dataset`` for ``exp`` on process ``rank`` of ``world_size``: micro-batches
+    of ``batch_size / accumulate`` images, shuffled and full for training, in order and complete
+    (``drop_last`` off, shards not padded) for validation. Ground-truth slots are padded per batch
+    to one of a few bucket sizes (:func:`fdet.data.collate.slot_buckets`), so a batch pays for
+    its own objects rather than the data set's most crowded image."""
+    from fdet.data.collate import slot_buckets
+    from fdet.data.loader import make_loader
+
+    transforms = exp.train_transforms if train else exp.val_transforms
+    full = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    extra = {} if train else {"pad_shards": False}
+    return make_loader(
+        dataset,
+        batch_size=max(1, exp.batch_size // exp.accumulate),
+        shuffle=train,
+        seed=exp.seed,
+        num_workers=exp.num_workers,
+        pad_divisor=transforms.pad_divisor,
+        drop_last=train,
+        rank=rank,
+        world_size=world_size,
+        slots=slot_buckets(max_objects(full)),
+        **extra,
+    )
