@@ -3,15 +3,25 @@ checks that they fit the model, and the training loader."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
+import numpy as np
 import torch
 
 from fdet import specs
 
-__all__ = ["DataSets", "check_classes", "experiment_loader", "make_datasets", "max_objects"]
+__all__ = [
+    "DataSets",
+    "SeededSamples",
+    "check_batches",
+    "check_classes",
+    "experiment_loader",
+    "make_datasets",
+    "max_objects",
+]
 
 
 class TrainingError(RuntimeError):
@@ -81,10 +91,72 @@ def check_classes(model: specs.Spec, dataset: Any, name: str = "data") -> None:
         )
 
 
+def _where(dataset: Any) -> str:
+    where = getattr(dataset, "annotation_file", None)
+    return f" ({where})" if where is not None else ""
+
+
+def check_batches(
+    exp: specs.Experiment, dataset: Any, *, world_size: int = 1, val: Any = None
+) -> None:
+    """A clear error when the training set is empty or holds fewer images (a process's share
+    of them, with several processes) than one micro-batch, so that no full batch can be made,
+    or when the validation set ``val`` (given when the run evaluates) is empty: found before
+    the run folder is written."""
+    where = _where(dataset)
+    size = len(dataset)
+    if size == 0:
+        raise TrainingError(f"the training set{where} has no images")
+    if val is not None and len(val) == 0:
+        raise TrainingError(f"the validation set{_where(val)} has no images to evaluate")
+    micro = exp.batch_size // exp.accumulate
+    share = -(-size // world_size)
+    if share < micro:
+        each = f", {share} a process of {world_size}" if world_size > 1 else ""
+        split = f" ({micro} a micro-batch)" if exp.accumulate > 1 else ""
+        raise TrainingError(
+            f"batch_size {exp.batch_size}{split} is larger than the training set{where}: "
+            f"{size} images{each}; use a batch_size of at most {share * exp.accumulate}"
+        )
+
+
 def max_objects(dataset: Any) -> int:
     """The most annotations of any image of a COCO-format data set (at least 1)."""
     per_image = getattr(dataset.coco, "imgToAnns", {})
     return max([1, *(len(anns) for anns in per_image.values())])
+
+
+class SeededSamples:
+    """A training set whose samples are made with Python's, NumPy's and torch's global random
+    generators seeded from ``(seed, epoch, index)`` and put back afterwards. fdet's transforms
+    draw only from the generator they are given; a transform of one's own that draws from the
+    global generators is then as reproducible, in any loader worker and after a resume, and the
+    main process's generators never depend on the data."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, index: int, *, epoch: int | None = None) -> Any:
+        key = [self.seed, 0 if epoch is None else epoch, index, 0x6A10BA1]
+        words = np.random.SeedSequence(key).generate_state(4, np.uint32)
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(int(words[0]) << 32 | int(words[1]))
+        np.random.seed(int(words[2]))
+        torch.default_generator.manual_seed(int(words[3]))  # the CPU's only: CUDA's stay
+        try:
+            get = getattr(self.dataset, "get", None)
+            return get(index, epoch=epoch) if callable(get) else self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+    def __getitem__(self, index: int) -> Any:
+        return self.get(index)
 
 
 def experiment_loader(
@@ -100,9 +172,8 @@ def experiment_loader(
 
     transforms = exp.train_transforms if train else exp.val_transforms
     full = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    extra = {} if train else {"pad_shards": False}
     return make_loader(
-        dataset,
+        SeededSamples(dataset, exp.seed) if train else dataset,
         batch_size=max(1, exp.batch_size // exp.accumulate),
         shuffle=train,
         seed=exp.seed,
@@ -112,5 +183,5 @@ def experiment_loader(
         rank=rank,
         world_size=world_size,
         slots=slot_buckets(max_objects(full)),
-        **extra,
+        pad_shards=train,  # evaluation sees every image once
     )

@@ -71,9 +71,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size < 1:
         raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
-    dev = torch.device(device if device is not None else _default_device())
+    dev = _parse_device(device if device is not None else _default_device())
     if world_size == 1:
-        return DistInfo(device=dev)
+        return DistInfo(device=check_device(dev))
 
     if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
         raise RuntimeError(
@@ -91,8 +91,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
                 f"device {str(dev)!r} names a GPU; in a multi-process run give 'cuda' and "
                 "each process takes cuda:LOCAL_RANK"
             )
+        check_device(dev)
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise ValueError(
                 f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible"
             )
         dev = torch.device("cuda", local_rank)
@@ -106,6 +107,34 @@ def init_distributed(device: str | None = None) -> DistInfo:
             f"match the environment (RANK={rank}, WORLD_SIZE={world_size})"
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device {str(device)!r}: not a device name (cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or a one-line ``ValueError`` when it is not a device
+    name or this machine cannot compute on it (no CUDA GPU, no such GPU index, no MPS)."""
+    dev = _parse_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+            if torch.version.cuda is None:
+                why = "this PyTorch is built without CUDA"
+            raise ValueError(f"device {str(dev)!r}: {why}; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(dev)!r}: MPS is not available on this machine; use cpu")
+    return dev
 
 
 def _default_device() -> str:

@@ -25,16 +25,34 @@ import attrs
 import torch
 
 from fdet import build, specs
-from fdet.train.checkpoint import load_checkpoint
-from fdet.train.data import TrainingError, check_classes, experiment_loader, make_datasets
+from fdet.train.checkpoint import CheckpointError
+from fdet.train.data import (
+    TrainingError,
+    check_batches,
+    check_classes,
+    experiment_loader,
+    make_datasets,
+)
 from fdet.train.hooks import Console, Hook, Logs, default_hooks
 from fdet.train.loop import Trainer, run_loop
 from fdet.train.optim import build_optimizer
-from fdet.train.run_dir import checkpoints, latest_checkpoint, load_run, write_run_files
+from fdet.train.run_dir import (
+    check_run_dir,
+    checkpoints,
+    clear_run,
+    latest_checkpoint,
+    load_run,
+    remove_stale_temps,
+    resolve_checkpoint,
+    resume_checkpoint,
+    trim_log,
+    write_run_files,
+)
 from fdet.train.state import seed_everything
 from fdet.train.step import StepFactory, supervised_step
 
 __all__ = [
+    "CheckpointError",
     "TrainResult",
     "TrainingError",
     "check_classes",
@@ -43,6 +61,7 @@ __all__ = [
     "latest_checkpoint",
     "load_run",
     "make_datasets",
+    "resolve_checkpoint",
     "train",
 ]
 
@@ -75,6 +94,7 @@ def train(
     stream: TextIO | None = None,
     final_eval: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
     stop_after: int | None = None,
     step_factory: StepFactory = supervised_step,
     hooks: list[Hook] | None = None,
@@ -86,8 +106,12 @@ def train(
     ``checkpoints/iter_N.pt`` (atomic, the last ``keep_checkpoints`` kept) and ``best.pt``, and
     at the end ``metrics.json`` (COCO stats by name and per-class AP) and ``predictions.png``.
 
-    ``resume``: continue from the latest checkpoint in ``out_dir`` (model, optimizer, scaler,
-    EMA, RNG states and data position), so that the result equals the uninterrupted run.
+    A folder that holds a run already is refused, unless ``resume``: continue from its newest
+    usable checkpoint (model, optimizer, scaler, EMA, RNG states and data position), so that the
+    result equals the uninterrupted run; a checkpoint that cannot be read is passed over for the
+    one before, with a warning naming it; or ``overwrite``: delete the run first. The folder is
+    checked (and probed with a real write) before any data is made or model built, and the data
+    (empty, or smaller than a batch) before anything is written.
     ``stop_after``: checkpoint and stop after that iteration, as an interruption would.
     ``step_factory``: how a step is computed (default: :func:`fdet.train.step.supervised_step`);
     ``hooks``: replace the default hooks (:func:`fdet.train.hooks.default_hooks`).
@@ -102,24 +126,33 @@ def train(
     dev = torch.device(dist.device)
     try:
         _check_precision(exp, dev)
-        ckpt = None
+
+        def say(line: str) -> None:
+            if dist.is_main:
+                print(f"fdet train: {line}", file=stream, flush=True)
+
+        if dist.is_main:
+            check_run_dir(out, resume=resume, overwrite=overwrite)
+        ckpt, resumed_from = None, None
         if resume:
-            ckpt = load_checkpoint(latest_checkpoint(out), map_location="cpu")
-            saved = specs.from_json(ckpt["spec"], specs.Experiment, source=str(out))
-            if saved != exp:
-                raise TrainingError(
-                    f"{out} was trained with another spec; resume with the saved one "
-                    f"(fdet train --resume {out})"
-                )
+            resumed_from, ckpt = resume_checkpoint(
+                out, exp, main=dist.is_main, warn=lambda line: say(f"warning: {line}")
+            )
         seed_everything(exp.seed)
         if exp.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        if dist.is_main:
-            resumed_at = None if ckpt is None else int(ckpt["iteration"])
-            write_run_files(out, exp, dev, dist.world_size, resumed_at=resumed_at)
 
         datasets = make_datasets(exp)
+        evaluates = hooks is None and (final_eval or exp.eval_interval > 0)
+        check_batches(
+            exp,
+            datasets.train,
+            world_size=dist.world_size,
+            val=datasets.val if evaluates else None,
+        )
+        if dist.is_main:
+            _prepare_run_dir(out, exp, dev, dist.world_size, ckpt, overwrite=overwrite, say=say)
         loader = experiment_loader(
             exp, datasets.train, train=True, rank=dist.rank, world_size=dist.world_size
         )
@@ -152,7 +185,7 @@ def train(
             console=None,
         )
         if ckpt is not None:
-            trainer.restore(ckpt)
+            trainer.restore(ckpt, source=resumed_from)
         trainer.model = wrap_ddp(raw, dist, sync_batch_norm=exp.sync_batch_norm)
         trainer.forward = trainer.model
         loss_fn: Callable[..., Any] = raw.loss
@@ -198,6 +231,42 @@ def train(
         )
     finally:
         cleanup()
+
+
+def _prepare_run_dir(
+    out: Path,
+    exp: specs.Experiment,
+    device: torch.device,
+    world_size: int,
+    ckpt: dict[str, Any] | None,
+    *,
+    overwrite: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Once every check passed: delete the old run (``overwrite``), the temporary files of
+    killed writes, and log records the resumed run writes again; then write the run files."""
+    if overwrite:
+        gone = clear_run(out)
+        if gone:
+            say(f"overwrite: deleted the previous run in {out} ({', '.join(gone)})")
+    stale = remove_stale_temps(out)
+    if stale:
+        names = ", ".join(str(p.relative_to(out)) for p in stale)
+        say(f"removed {len(stale)} temporary file(s) left by an interrupted write: {names}")
+    resumed_at = None
+    if ckpt is not None:
+        resumed_at = int(ckpt["iteration"])
+        dropped = trim_log(out, resumed_at)
+        if dropped:
+            say(
+                f"log.jsonl: dropped {dropped} record(s) after iteration {resumed_at}, which "
+                "this run writes again"
+            )
+        if resumed_at >= exp.iterations:
+            say(f"{out} is finished (iteration {resumed_at}); evaluating it again")
+        else:
+            say(f"resuming {out} at iteration {resumed_at} of {exp.iterations}")
+    write_run_files(out, exp, device, world_size, resumed_at=resumed_at)
 
 
 # --- dry run --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from fdet.atomic import atomic_write_text
 from fdet.train.data import TrainingError
 from fdet.train.loop import Hook, Trainer
 
@@ -349,7 +350,7 @@ def write_metrics(trainer: Trainer) -> None:
     payload: dict[str, Any] = {"iteration": trainer.state.iteration, "bbox": metrics}
     if ema_metrics is not None:
         payload["bbox_ema"] = ema_metrics
-    (trainer.out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(trainer.out / "metrics.json", json.dumps(payload, indent=2) + "\n")
     chosen = ema_metrics if ema_metrics is not None else metrics
     table = CocoMetrics.from_stats(
         [chosen[name] for name in STAT_NAMES],

@@ -71,7 +71,8 @@ class Trainer:
         return self.state.iteration >= self.exp.iterations
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """Weights, optimizer, scaler, EMA, counters, RNG states and the spec."""
+        """Weights, optimizer, scaler, EMA, counters, RNG states, the spec, and the class names
+        in label order (what ``fdet eval`` matches other data sets' categories against)."""
         ema = None
         if self.ema is not None:
             from fdet.train.ema import ema_state_dict
@@ -86,6 +87,7 @@ class Trainer:
             "rng": rng_state(),
             "iteration": self.state.iteration,
             "spec": specs.to_json(self.exp),
+            "class_names": list(self.datasets.val.category_names),
             "fdet_version": fdet.__version__,
         }
 
@@ -105,20 +107,28 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by :meth:`checkpoint_payload`."""
+    def restore(self, ckpt: dict[str, Any], *, source: str | Path | None = None) -> None:
+        """Continue from a checkpoint written by :meth:`checkpoint_payload`. What does not fit
+        this run raises a one-line :class:`~fdet.train.checkpoint.CheckpointError` naming
+        ``source``."""
+        from fdet.train.checkpoint import CheckpointError, load_weights
         from fdet.train.state import set_rng_state
 
-        self.raw.load_state_dict(ckpt["model"])
-        self.state = TrainState(**ckpt["state"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None and ckpt.get("scaler") is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            from fdet.train.ema import ema_load_state_dict
+        where = source if source is not None else "checkpoint"
+        load_weights(self.raw, ckpt["model"], source=where)
+        try:
+            self.state = TrainState(**ckpt["state"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and ckpt.get("scaler") is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if self.ema is not None and ckpt.get("ema") is not None:
+                from fdet.train.ema import ema_load_state_dict
 
-            self.ema = ema_load_state_dict(ckpt["ema"], device=self.device)
-        set_rng_state(ckpt["rng"])
+                self.ema = ema_load_state_dict(ckpt["ema"], self.raw, device=self.device)
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{where}: does not fit this run: {first}") from e
 
 
 class Hook:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from jaxtyping import Float, Int, UInt8
 from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
+
+from fdet.atomic import atomic_write
 
 __all__ = ["PALETTE", "GroundTruth", "Prediction", "draw_boxes", "label_color", "prediction_grid"]
 
@@ -148,19 +149,8 @@ def _panel(
 
 
 def _write_png_atomic(image: Image.Image, path: Path) -> None:
-    """Save ``image`` as a PNG at ``path``: a temporary file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Save ``image`` as a PNG at ``path`` atomically (:func:`fdet.atomic.atomic_write`)."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def prediction_grid(

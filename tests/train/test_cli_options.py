@@ -45,5 +45,9 @@ def test_resume_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
     assert "[4/4] loss" in capsys.readouterr().err
     assert (tmp_path / "run" / "metrics.json").is_file()
-    with pytest.raises(SystemExit, match="give no spec file"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="2"):
         main(["train", "x.py", "--resume", str(tmp_path / "run")])
+    assert "--resume continues a run in its folder with its saved spec; a spec file" in (
+        capsys.readouterr().err
+    )

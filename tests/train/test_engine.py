@@ -4,13 +4,17 @@ checkpoint keeping, early stopping."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import attrs
+import numpy as np
 import pytest
 import torch
 
 from fdet import specs
+from fdet.data.sample import Sample
+from fdet.data.transforms import TransformPipeline
 from fdet.train import train
 from fdet.train.checkpoint import load_checkpoint
 from fdet.train.engine import checkpoints
@@ -41,6 +45,29 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same weights, optimizer buffers (momentum, Adam moments, by
+    value), EMA weights and counters, bit for bit."""
+    assert a["iteration"] == b["iteration"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and sa, "no optimizer state to compare"
+    for index in sa:
+        assert sa[index].keys() == sb[index].keys()
+        for name, value in sa[index].items():
+            same = (
+                torch.equal(value, sb[index][name])
+                if torch.is_tensor(value)
+                else (value == sb[index][name])
+            )
+            assert same, (index, name)
+    if a.get("ema") is not None:
+        for key in a["ema"]["params"]:
+            assert torch.equal(a["ema"]["params"][key], b["ema"]["params"][key]), key
+
+
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
     exp = gn_experiment(
         tmp_path / "cache", iterations=6, ema=specs.EMA(decay=0.9, warmup_updates=2)
@@ -51,15 +78,65 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path: Path) -> None:
     resumed = train(exp, tmp_path / "b", progress=False, final_eval=False, resume=True)
     assert resumed.iterations == 6
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["ema"]["params"]:
-        assert torch.equal(a["ema"]["params"][key], b["ema"]["params"][key]), key
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert_same_training_state(a, b)  # AdamW: both moments, by value
     logged = [
         json.loads(x)["iteration"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
     ]
     assert logged == [2, 4, 6]  # the resumed log continues, nothing twice
+
+
+class GlobalDrawTransform(TransformPipeline):
+    """fdet's training transform, then a brightness shift drawn from the global generators
+    (torch, NumPy, Python) rather than from the sample's generator, as a transform of one's
+    own might do. It runs in the loader's workers."""
+
+    def __call__(self, sample: Sample, generator: torch.Generator) -> Sample:
+        out = super().__call__(sample, generator)
+        if not self.train:
+            return out
+        shift = int(torch.randint(0, 3, ())) + int(np.random.randint(0, 3)) + random.randint(0, 2)
+        return out._replace(image=(out.image.int() + shift).clamp(0, 255).to(torch.uint8))
+
+
+def test_resume_across_epochs_with_workers_and_global_random_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed mid-epoch, the run crosses into the next epoch with two loader workers, a
+    transform that draws from the global generators (in the workers) and a loss that does (in
+    the main process): a missing restore of any random state, or an augmentation that depends
+    on which worker made a sample, would change the weights or the momentum."""
+    from fdet.data import transforms
+    from fdet.models import RetinaNet
+
+    monkeypatch.setattr(
+        transforms, "build_transform", lambda spec, *, train: GlobalDrawTransform(spec, train)
+    )
+    real_loss = RetinaNet.loss
+    calls = []
+
+    def noisy_loss(self: RetinaNet, outputs: object, batch: object) -> object:
+        terms = real_loss(self, outputs, batch)  # type: ignore[arg-type]
+        noise = float(torch.rand(())) + float(np.random.rand()) + random.random()
+        calls.append(noise)
+        cls = terms["cls"]
+        return {**terms, "cls": cls._replace(total=cls.total * (1 + 0.01 * noise))}
+
+    monkeypatch.setattr(RetinaNet, "loss", noisy_loss)
+    # 24 images, 4 a batch: 6 steps an epoch; stopped at 4, resumed through epoch 1
+    exp = gn_experiment(
+        tmp_path / "cache",
+        iterations=9,
+        num_workers=2,
+        optimizer=specs.SGD(lr=0.01, momentum=0.9, weight_decay=1e-4),
+    )
+    straight = train(exp, tmp_path / "a", progress=False, final_eval=False)
+    train(exp, tmp_path / "b", progress=False, final_eval=False, stop_after=4)
+    resumed = train(exp, tmp_path / "b", progress=False, final_eval=False, resume=True)
+    assert len(set(calls[:9])) == 9  # the loss drew from the global generators
+    assert calls[9:] == calls[:9]  # the interrupted and the resumed run drew the same
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert all("momentum_buffer" in v for v in a["optimizer"]["state"].values())
+    assert_same_training_state(a, b)
 
 
 def test_resume_refuses_another_spec(tmp_path: Path) -> None:
@@ -70,14 +147,36 @@ def test_resume_refuses_another_spec(tmp_path: Path) -> None:
         train(other, tmp_path / "a", progress=False, resume=True)
 
 
+PLAIN_SGD: dict[str, object] = {
+    # the update is lr × the gradient, nothing rescales it: a gradient off by a constant
+    # factor (a wrong normalizer) shows in the weights, as it would not under AdamW
+    "optimizer": specs.SGD(lr=0.01, momentum=0.0, weight_decay=0.0),
+    "schedule": specs.Schedule(warmup=None, decay=specs.ConstantDecay()),
+}
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
 def test_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
-    big = gn_experiment(tmp_path / "cache", batch_size=4, accumulate=1, iterations=2)
+    big = gn_experiment(
+        tmp_path / "cache",
+        batch_size=4,
+        accumulate=1,
+        iterations=2,
+        checkpoint_interval=1,
+        **PLAIN_SGD,
+    )
     small = attrs.evolve(big, accumulate=2)
     a = train(big, tmp_path / "big", progress=False, final_eval=False)
     b = train(small, tmp_path / "small", progress=False, final_eval=False)
     wa, wb = weights(a.checkpoint), weights(b.checkpoint)
-    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
-    assert worst < 1e-5
+    # the second step's update is lr × its gradient: a gradient off by a constant factor
+    # would make the runs differ by about that much
+    update = largest_difference(wa, weights(tmp_path / "big" / "checkpoints" / "iter_00000001.pt"))
+    assert update > 1e-3
+    assert largest_difference(wa, wb) < 1e-3 * update
     # the runs differ only in how the step was computed
     assert specs.load(tmp_path / "small" / "spec.json").accumulate == 2
 
@@ -119,6 +218,10 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path: Path) -> None:
     assert [i for i, _ in checkpoints(tmp_path / "run")] == [5, 6]
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["state"]["best_iteration"] in (2, 4, 6)
+    # the class names in label order travel with the weights (fdet eval maps data sets by them)
+    from fdet.data.shapes import CATEGORIES
+
+    assert best["class_names"] == list(CATEGORIES)
 
 
 def test_early_stopping(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fdet import register, specs
-from fdet.train.checkpoint import atomic_save, load_checkpoint
+from fdet.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from fdet.train.optim import build_optimizer, parameter_groups
 from fdet.train.schedule import lr_factor
 
@@ -127,9 +127,9 @@ def test_unreadable_checkpoints_say_what(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "none.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"bad\.pt: not a readable fdet checkpoint"):
+    with pytest.raises(CheckpointError, match=r"bad\.pt: not a PyTorch checkpoint file"):
         load_checkpoint(bad)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(1)}, other)
-    with pytest.raises(ValueError, match="not an fdet checkpoint"):
+    with pytest.raises(CheckpointError, match="not an fdet checkpoint"):
         load_checkpoint(other)
