@@ -16,11 +16,15 @@ LINT_PATHS = [p for p in _SOURCES if os.path.exists(p)]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Install fdet with its test extra into this session's virtualenv and run pytest."""
+    """Install fdet with its test extra into this session's virtualenv and run pytest.
+
+    Arguments after ``--`` are added to the defaults (a later ``-n`` wins):
+    ``nox -s tests -- --hypothesis-profile thorough`` for a longer, freshly random run of the
+    property tests, ``nox -s tests -- tests/ops -x`` for a part of the suite.
+    """
     session.install("-e", ".[test]")
     workers = os.environ.get("FDET_TEST_WORKERS", "2")
-    args = session.posargs or ["-n", workers, "--durations=15"]
-    session.run("pytest", *args)
+    session.run("pytest", "-n", workers, "--durations=15", *session.posargs)
 
 
 @nox.session

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _cmd_spec(args: argparse.Namespace) -> int:
@@ -18,9 +18,14 @@ def _cmd_spec(args: argparse.Namespace) -> int:
     if args.build:
         import torch
 
+        from fdet.registry import RegistryError
+
         model_spec = spec.model if isinstance(spec, specs.Experiment) else spec
-        with torch.device("meta"):
-            module = build(model_spec)
+        try:
+            with torch.device("meta"):
+                module = build(model_spec)
+        except RegistryError as e:  # a spec class of one's own without a builder
+            raise specs.SpecError(f"cannot build it: {e}", source=str(args.file)) from e
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         print(
@@ -38,16 +43,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fdet.train.engine import dry_run
 
     if args.resume:
-        if args.spec or args.set:
-            raise SystemExit(
-                "fdet train: error: --resume continues a run with its saved spec; "
-                "give no spec file and no --set"
+        given = [
+            name
+            for name, value in (
+                ("a spec file", args.spec),
+                ("--set", args.set),
+                ("--out", args.out),
+                ("--name", args.name),
+                ("--compile", args.compile),
+                ("--overwrite", args.overwrite),
             )
-        exp = specs.load(f"{args.resume}/spec.json", specs.Experiment)
+            if value
+        ]
+        if given:
+            args.parser.error(
+                f"--resume continues a run in its folder with its saved spec; {given[0]} does "
+                "not go with it"
+            )
+        from pathlib import Path
+
         out = args.resume
+        if not Path(out).is_dir():
+            raise FileNotFoundError(f"no run folder at {out} to resume")
+        if not (Path(out) / "spec.json").is_file():
+            raise FileNotFoundError(f"{out} holds no run to resume (no spec.json)")
+        exp = specs.load(Path(out) / "spec.json", specs.Experiment)
     else:
         if not args.spec:
-            raise SystemExit("fdet train: error: a spec file (or --resume RUN_DIR) is needed")
+            args.parser.error("a spec file (or --resume RUN_DIR) is needed")
         exp = specs.load(args.spec, specs.Experiment, name=args.name)
         if args.set:
             from fdet.specs import apply_overrides
@@ -61,7 +84,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"fdet train: {args.resume or args.spec} -> {out}", file=sys.stderr)
     result = train(
-        exp, out, device=args.device, progress=not args.no_progress, resume=bool(args.resume)
+        exp,
+        out,
+        device=args.device,
+        progress=not args.no_progress,
+        resume=bool(args.resume),
+        overwrite=args.overwrite,
     )
     if result.interrupted:
         return 130
@@ -76,31 +104,52 @@ def _default_out(spec_path: str) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.data:
+        if args.images or args.annotations:
+            args.parser.error("give --data, or --images and --annotations, not both")
+        args.images, args.annotations = args.data
+    if bool(args.images) != bool(args.annotations):
+        args.parser.error("--images and --annotations go together")
+
     import json
     from pathlib import Path
 
     from fdet.data.coco import CocoDataset
     from fdet.data.loader import make_loader
     from fdet.data.transforms import build_transform
+    from fdet.eval.classes import category_ids_by_name, run_class_names
     from fdet.eval.coco import format_table
     from fdet.eval.evaluate import evaluate_model
     from fdet.train import load_run
     from fdet.train.engine import check_classes, make_datasets
+    from fdet.train.run_dir import resolve_checkpoint
 
-    exp, model = load_run(args.run, device=args.device)
-    if args.data:
-        args.images, args.annotations = args.data
-    if args.images or args.annotations:
-        if not (args.images and args.annotations):
-            raise SystemExit("fdet eval: error: --images and --annotations go together")
+    checkpoint = str(resolve_checkpoint(args.run))
+    exp, model = load_run(checkpoint, device=args.device)
+    if args.images:
         dataset = CocoDataset(
             args.images,
             args.annotations,
             transform=build_transform(exp.val_transforms, train=False),
         )
-        check_classes(exp.model, dataset, str(args.annotations))
     else:
         dataset = make_datasets(exp, with_train=False).val
+    source = str(dataset.annotation_file)
+    names = run_class_names(exp, _checkpoint_entries(checkpoint))
+    label_to_category_id = None
+    if names is None:
+        check_classes(exp.model, dataset, source)
+        print(
+            f"fdet eval: warning: the run's class names are unknown (its checkpoint does not "
+            f"record them and its training data cannot be read), so its labels are taken to be "
+            f"the categories of {source} in id order: {', '.join(dataset.category_names)}",
+            file=sys.stderr,
+        )
+    else:
+        label_to_category_id = category_ids_by_name(
+            names, dataset.category_names, dataset.label_to_category_id, source=source
+        )
+    print(f"fdet eval: evaluating {checkpoint} on {source}", file=sys.stderr)
     loader = make_loader(
         dataset,
         batch_size=args.batch_size or exp.batch_size,
@@ -111,7 +160,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         drop_last=False,
     )
     metrics, results = evaluate_model(
-        model, loader, dataset, max_images=args.max_images, backend=args.backend, device=args.device
+        model,
+        loader,
+        dataset,
+        max_images=args.max_images,
+        backend=args.backend,
+        device=args.device,
+        label_to_category_id=label_to_category_id,
     )
     print(format_table(metrics))
     if args.out:
@@ -119,16 +174,90 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"bbox": metrics.to_dict()}, indent=2) + "\n")
     if args.results:
-        Path(args.results).write_text(json.dumps(results))
+        results_file = Path(args.results)
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results))
     return 0
 
 
-def _cmd_data_shapes(args: argparse.Namespace) -> int:
-    from fdet.data.shapes import generate
+def _checkpoint_entries(path: str) -> dict | None:
+    """A checkpoint's entries with its tensors left on disk (memory-mapped), or None."""
+    import torch
 
-    paths = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
-    print(f"fdet data shapes: wrote {args.train} train and {args.val} val images under {args.out}")
-    del paths
+    try:
+        entries = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # the model was loaded from it already; this read is only for metadata
+        return None
+    return entries if isinstance(entries, dict) else None
+
+
+def _output_file(example: str) -> Callable[[str], str]:
+    """An argparse type: a file path fdet can write (not a folder, under a writable folder)."""
+
+    def check(value: str) -> str:
+        import os
+        from pathlib import Path
+
+        path = Path(value)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(
+                f"{value} is a folder; give a file to write, e.g. {path / example}"
+            )
+        parent = path.absolute().parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot write {value}: {parent} is not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"cannot write {value}: {parent} is not writable")
+        return value
+
+    return check
+
+
+def _int_at_least(low: int, what: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (``what`` says why, when it is not obvious)."""
+
+    def check(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{what}, got {number}")
+        return number
+
+    return check
+
+
+def _cmd_data_shapes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fdet.data.coco import DataError
+    from fdet.data.shapes import find_set, generate, read_manifest
+
+    out = Path(args.out)
+    params = dict(train=args.train, val=args.val, size=args.size, seed=args.seed)
+    counts = f"{args.train} train and {args.val} val images"
+    if find_set(out, **params) is not None:
+        print(f"fdet data shapes: {out} already holds this set ({counts}); nothing written")
+        return 0
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        manifest = read_manifest(out)
+        if manifest is None:
+            held = "is not empty and holds no shapes set"
+        else:
+            keys = ("train", "val", "size", "seed", "min_object_size", "max_objects", "version")
+            given = ", ".join(f"{k} {manifest.get(k)}" for k in keys if k in manifest)
+            held = f"holds a shapes set with other parameters ({given})"
+        raise DataError(f"{out}: {held}; choose another folder, or remove this one first")
+    try:
+        generate(out, **params)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the shapes set: {e.strerror or e}") from e
+    print(f"fdet data shapes: wrote {counts} under {out}")
     return 0
 
 
@@ -183,7 +312,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an experiment spec")
     p.add_argument("spec", nargs="?", help="an experiment spec file (.py or .json)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run from its newest usable checkpoint (an unreadable one is passed "
+        "over for the one before, with a warning)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -193,12 +327,21 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="also compile the network")
     p.add_argument("--dry-run", action="store_true", help="print the spec, model and data; stop")
-    p.add_argument("--out", help="the run folder (default: runs/<spec name>)")
+    p.add_argument(
+        "--out",
+        help="the run folder (default: runs/<spec name>); one that holds a run is refused "
+        "unless --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run the folder holds first (its spec, logs, checkpoints, metrics)",
+    )
     p.add_argument("--name", help="the constant to take from a .py file (default: EXPERIMENT)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
     _add_import(p)
-    p.set_defaults(func=_cmd_train)
+    p.set_defaults(func=_cmd_train, parser=p)
 
     p = sub.add_parser("eval", help="COCO evaluation of a trained run or checkpoint")
     p.add_argument(
@@ -212,39 +355,98 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", help="image folder of another COCO-format data set")
     p.add_argument("--annotations", help="its annotation file")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--max-images", type=_int_at_least(1), default=None, help="evaluate the first N images"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=None,
+        help="images a batch (default: the experiment's batch_size)",
+    )
     p.add_argument("--backend", choices=("faster", "pycocotools"), default="faster")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="write the metrics as JSON here")
-    p.add_argument("--results", help="write the COCO-format detections as JSON here")
+    p.add_argument(
+        "--out", type=_output_file("metrics.json"), help="write the metrics as JSON to this file"
+    )
+    p.add_argument(
+        "--results",
+        type=_output_file("results.json"),
+        help="write the COCO-format detections as JSON to this file",
+    )
     _add_import(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, parser=p)
 
     p = sub.add_parser("data", help="data set tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("shapes", help="write the synthetic shapes set (PNG + COCO JSON)")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--train", type=int, default=2000, help="training images")
-    q.add_argument("--val", type=int, default=200, help="validation images")
-    q.add_argument("--size", type=int, default=128, help="image side in pixels")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--train", type=_int_at_least(0), default=2000, help="training images")
+    q.add_argument("--val", type=_int_at_least(0), default=200, help="validation images")
+    q.add_argument(
+        "--size",
+        type=_int_at_least(16, " (twice the smallest object, 8 px)"),
+        default=128,
+        help="image side in pixels (at least 16)",
+    )
+    q.add_argument("--seed", type=_int_at_least(0), default=0)
     q.set_defaults(func=_cmd_data_shapes)
     return parser
 
 
+_DEBUG_HELP = "on an error, show the traceback too (also: FDET_DEBUG=1)"
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` before the command (``fdet --debug train …``) and after it, on every
+    subcommand (``fdet train … --debug``)."""
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    pending = [parser]
+    while pending:
+        for action in pending.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    # SUPPRESS: a subcommand without the flag keeps the value given before it
+                    sub.add_argument(
+                        "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+                    )
+                    pending.append(sub)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fdet`` command. A user error (a bad spec, data, checkpoint, device or path, a run
+    that cannot go on) is one line, ``fdet COMMAND: error: …``, and exit status 2; an
+    interrupt exits with 130. ``--debug`` (or ``FDET_DEBUG=1``) shows the traceback too."""
+    import os
+    import traceback
+
     parser = make_parser()
+    _add_debug(parser)
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FDET_DEBUG", "") not in ("", "0")
     from fdet.data.coco import DataError
     from fdet.specs import SpecError
+    from fdet.train.checkpoint import CheckpointError
     from fdet.train.engine import TrainingError
 
-    _import_plugins(getattr(args, "imports", []))
     try:
+        _import_plugins(getattr(args, "imports", []))
         return int(args.func(args))
-    except (SpecError, DataError, TrainingError, FileNotFoundError) as e:
-        print(f"fdet {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"fdet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    # OSError: missing files, unwritable folders; ValueError: bad input (DataError,
+    # SpecError and CheckpointError are ValueErrors too, named for the reader)
+    except (SpecError, DataError, CheckpointError, TrainingError, ValueError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"fdet {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

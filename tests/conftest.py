@@ -12,7 +12,13 @@ os.environ.setdefault(
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# Hypothesis: a modest, deterministic budget by default; `HYPOTHESIS_PROFILE=thorough` for more.
+# Hypothesis profiles (README, Development):
+# - "default", what CI and `nox -s tests` run: 60 examples a test, derandomized, so that every
+#   run replays the same examples and a failure reproduces anywhere;
+# - "thorough", for longer local runs: 1000 examples a test, freshly random on every run (a
+#   failing example is saved in .hypothesis/ and replayed first next time, and printed with a
+#   @reproduce_failure blob). `nox -s tests -- --hypothesis-profile thorough`, or
+#   HYPOTHESIS_PROFILE=thorough. Tests that set their own max_examples keep it.
 settings.register_profile(
     "default",
     max_examples=60,
@@ -21,7 +27,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "thorough",
+    max_examples=1000,
+    deadline=None,
+    derandomize=False,  # explicit: a profile inherits the loaded one, which may be "default"
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

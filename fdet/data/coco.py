@@ -24,7 +24,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torchvision.io
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 from fdet import specs
@@ -66,22 +66,61 @@ class DataError(ValueError):
 
 
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Decode an image file to uint8 RGB ``[3, H, W]`` (grayscale and alpha images converted).
+    """Decode an image file to uint8 RGB ``[3, H, W]``, as it is displayed.
+
+    - The EXIF orientation, if any, is applied (as ``PIL.ImageOps.exif_transpose`` does): the
+      result is the image as a viewer shows it, so ``H`` and ``W`` may be the stored ones
+      swapped.
+    - Grayscale is repeated over the three channels; alpha is dropped; palette, CMYK and YCbCr
+      images are converted to RGB.
+    - 16 bits a sample (PNG, TIFF) become 8 by keeping the high byte (``v >> 8``: 65535 -> 255,
+      and ``257 * k`` -> ``k``); the first frame of an animated image is taken.
 
     torchvision's decoders first, PIL for formats they do not read. Raises :class:`DataError`
-    when neither can decode the file.
+    when neither can decode the file, or for pixels with no 8-bit RGB reading (PIL's 32-bit
+    integer and float modes).
     """
     try:
         data = torchvision.io.read_file(str(path))
-        return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+        image = torchvision.io.decode_image(
+            data, mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True
+        )
     except (RuntimeError, ValueError):
-        pass
+        return _read_with_pil(path)
+    if image.ndim == 4:  # an animated image: its frames
+        image = image[0]
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise DataError(
+            f"{path}: decoded to {image.dtype} {tuple(image.shape)}, not 8-bit RGB [3, H, W]"
+        )
+    return image
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _read_with_pil(path: str | os.PathLike[str]) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        with Image.open(path) as stored:
+            stored.seek(0)  # the first frame of an animated image
+            im = ImageOps.exif_transpose(stored)
+            mode = im.mode
+            if mode in _SIXTEEN_BIT_MODES:
+                gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)  # [H, W]
+                rgb = np.repeat(gray[..., None], 3, axis=2)
+            elif mode not in ("I", "F"):
+                rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise DataError(
+            f"{path}: {kind} pixels (PIL mode {mode}) have no 8-bit RGB reading; "
+            "save the image with 8 or 16 bits a sample"
+        )
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()  # a writable copy
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -461,9 +500,15 @@ class CocoDataset(torch.utils.data.Dataset):
         path = self.images_dir / im["file_name"]
         image = read_image(path)
         if tuple(image.shape[1:]) != (im["height"], im["width"]):
+            hint = ""
+            if tuple(image.shape[1:]) == (im["width"], im["height"]):
+                hint = (
+                    "; if its EXIF orientation turns it, the entry and its boxes must describe "
+                    "the image as displayed (turned), which is how fdet reads it"
+                )
             raise DataError(
                 f"{path}: image is {image.shape[1]}x{image.shape[2]} (h x w) "
-                f"but its entry says {im['height']}x{im['width']}"
+                f"but its entry says {im['height']}x{im['width']}{hint}"
             )
         return image
 

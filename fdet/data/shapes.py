@@ -36,7 +36,9 @@ __all__ = [
     "ShapesPaths",
     "default_cache_dir",
     "ensure_shapes",
+    "find_set",
     "generate",
+    "read_manifest",
     "render",
 ]
 
@@ -360,6 +362,37 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of the complete shapes set in ``out_dir``: generator ``version`` and the
+    parameters (``train``, ``val``, ``size``, ``seed``, ``min_object_size``, ``max_objects``);
+    None when ``out_dir`` holds no complete set."""
+    return _read_manifest(Path(out_dir))
+
+
+def find_set(
+    out_dir: str | os.PathLike[str],
+    *,
+    train: int,
+    val: int,
+    size: int = 128,
+    seed: int = 0,
+    min_object_size: int = 8,
+    max_objects: int = 12,
+) -> ShapesPaths | None:
+    """The set in ``out_dir`` if it is a complete shapes set of this generator with these
+    parameters (one that :func:`generate` returns as is, writing nothing), else None."""
+    manifest = _manifest(
+        train=train,
+        val=val,
+        size=size,
+        seed=seed,
+        min_object_size=min_object_size,
+        max_objects=max_objects,
+    )
+    out = Path(out_dir)
+    return _paths(out) if _read_manifest(out) == manifest else None
+
+
 def _write_split(
     root: Path, split: str, count: int, *, size: int, seed: int, min_size: int, max_objects: int
 ) -> None:
@@ -405,6 +438,9 @@ def _staging(out_dir: Path) -> Iterator[Path]:
     """A fresh temporary folder next to ``out_dir``, removed on exit unless it was moved."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # the set is renamed into place: mode as any new folder's
     try:
         yield tmp
     finally:
@@ -430,9 +466,11 @@ def generate(
     same parameters it is returned as is; any other non-empty ``out_dir`` is an error unless
     ``overwrite``.
     """
-    for name, value in (("train", train), ("val", val)):
+    for name, value in (("train", train), ("val", val), ("seed", seed)):
         if value < 0:
             raise ValueError(f"{name}: must be >= 0, got {value}")
+    if size < 2:
+        raise ValueError(f"size: must be >= 2, got {size}")
     if min_object_size < 1 or 2 * min_object_size > size:
         raise ValueError(
             f"min_object_size: must be in [1, size / 2 = {size / 2}], got {min_object_size}"

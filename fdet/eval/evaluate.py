@@ -54,18 +54,22 @@ def predict_coco(
     max_images: int | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     with_loss: bool = False,
+    label_to_category_id: Sequence[int] | None = None,
 ) -> Predictions:
     """Run ``model`` over the batches of ``loader`` and collect COCO results.
 
     The model runs in eval mode under ``torch.inference_mode()`` (its previous mode is restored
     afterwards). Detections become COCO records in original image pixels (``batch.scales``,
-    ``batch.image_ids``, ``dataset.label_to_category_id``). With ``max_images``, it stops after
-    that many images (the last batch is cut). With ``with_loss`` the model's loss terms are
+    ``batch.image_ids``, and ``label_to_category_id``: the category id of each of the model's
+    labels, by default ``dataset.label_to_category_id``; see :mod:`fdet.eval.classes` for a
+    mapping by class name). With ``max_images``, it stops after that many images (the last
+    batch is cut). With ``with_loss`` the model's loss terms are
     summed as well, from the same forward pass (``model`` then follows the detector contract:
     ``model(images)``, ``model.loss``, ``model.postprocess``); ``autocast`` wraps the forward.
     """
     if max_images is not None and max_images < 0:
         raise ValueError(f"evaluate_model: max_images must be >= 0, got {max_images}")
+    lut = dataset.label_to_category_id if label_to_category_id is None else label_to_category_id
     was_training = model.training
     model.train(False)
     results: list[dict[str, Any]] = []
@@ -106,7 +110,7 @@ def predict_coco(
                         detections,
                         image_ids=batch.image_ids,
                         scales=batch.scales,
-                        label_to_category_id=dataset.label_to_category_id,
+                        label_to_category_id=lut,
                     )
                 )
                 seen.extend(int(i) for i in batch.image_ids.tolist())
@@ -127,6 +131,7 @@ def evaluate_model(
     max_images: int | None = None,
     backend: Backend = "faster",
     device: torch.device | str = "cpu",
+    label_to_category_id: Sequence[int] | None = None,
 ) -> tuple[CocoMetrics, list[dict[str, Any]]]:
     """COCO metrics of ``model`` on the batches of ``loader``, and the results they came from.
 
@@ -134,9 +139,19 @@ def evaluate_model(
     afterwards) on ``batch.images`` and ``batch.image_sizes`` moved to ``device``
     (:func:`predict_coco`). Only the images seen are evaluated against ``dataset.coco``: a loader
     over a subset gives that subset's metrics. With ``max_images``, evaluation stops after that
-    many images (the last batch is cut).
+    many images (the last batch is cut). ``label_to_category_id`` gives the category id of each
+    of the model's labels (default: ``dataset.label_to_category_id``, right when the model was
+    trained on data with the same category ids; :func:`fdet.eval.classes.category_ids_by_name`
+    matches them by name otherwise).
     """
-    predictions = predict_coco(model, loader, dataset, device=device, max_images=max_images)
+    predictions = predict_coco(
+        model,
+        loader,
+        dataset,
+        device=device,
+        max_images=max_images,
+        label_to_category_id=label_to_category_id,
+    )
     metrics = evaluate_coco(
         dataset.coco, predictions.results, backend=backend, image_ids=predictions.image_ids
     )

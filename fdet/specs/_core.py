@@ -106,11 +106,15 @@ def check(condition: bool, field: str, message: str) -> None:
 def positive(_: object, attribute: attrs.Attribute, value: float) -> None:
     if not value > 0:
         raise SpecError(f"must be > 0, got {value!r}", attribute.name)
+    if not math.isfinite(value):
+        raise SpecError(f"must be finite, got {value!r}", attribute.name)
 
 
 def non_negative(_: object, attribute: attrs.Attribute, value: float) -> None:
     if not value >= 0:
         raise SpecError(f"must be >= 0, got {value!r}", attribute.name)
+    if not math.isfinite(value):
+        raise SpecError(f"must be finite, got {value!r}", attribute.name)
 
 
 def finite(_: object, attribute: attrs.Attribute, value: float | None) -> None:

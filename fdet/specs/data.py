@@ -21,7 +21,7 @@ class ShapesData(Spec):
     image_size: int = attrs.field(default=128, validator=positive)
     min_object_size: int = attrs.field(default=8, validator=positive)
     max_objects: int = attrs.field(default=12, validator=positive)
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=non_negative)
     cache_dir: str | None = None
 
     def __attrs_post_init__(self) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
+import re
 import sys
 import types
+import typing
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fdet.specs._core import Spec, SpecError
+import attrs
+
+from fdet.specs._core import Spec, SpecError, spec_types
 from fdet.specs.serde import from_json
 
 S = TypeVar("S", bound=Spec)
@@ -40,10 +45,75 @@ def load_module(path: str | Path) -> types.ModuleType:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        located = _file_error(e, path)
+        if located is e:
+            raise
+        raise located from e
     except BaseException:
         del sys.modules[name]
         raise
     return module
+
+
+def _shown(filename: str | Path) -> str:
+    """A file name as people read it: relative to the current folder when inside it."""
+    path = Path(filename)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+_UNEXPECTED = re.compile(r"^(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+_MISSING = re.compile(r"^(\w+)\.__init__\(\) missing \d+ required keyword-only arguments?: (.+)$")
+
+
+def _describe(error: Exception) -> str:
+    """What went wrong, in the words of the spec classes where it is about one."""
+    text = str(error)
+    if isinstance(error, FileNotFoundError):  # "spec file not found: ..." says it all
+        return text
+    if isinstance(error, TypeError):
+        unexpected, missing = _UNEXPECTED.match(text), _MISSING.match(text)
+        found = unexpected or missing
+        cls = spec_types().get(found.group(1)) if found is not None else None
+        if cls is not None and unexpected is not None:
+            keyword = unexpected.group(2)
+            fields = [f.name for f in attrs.fields(typing.cast(Any, cls))]
+            close = difflib.get_close_matches(keyword, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            return (
+                f"unknown keyword {keyword!r} for {cls.__name__}; {hint}"
+                f"allowed keywords: {', '.join(fields)}"
+            )
+        if cls is not None and missing is not None:
+            return f"{cls.__name__} needs {missing.group(2)}"
+    return f"{type(error).__name__}: {text}"
+
+
+def _file_error(error: Exception, path: Path) -> Exception:
+    """The error of running a spec file, as a :class:`SpecError` naming the file and line.
+
+    A ``SpecError`` that already names its file (one from a spec file this one loads) stays
+    as it is."""
+    if isinstance(error, SpecError) and error.source:
+        return error
+    if isinstance(error, SyntaxError):
+        where = f"{_shown(error.filename or path)}:{error.lineno}"
+        code = f": {error.text.strip()}" if error.text and error.text.strip() else ""
+        return SpecError(f"syntax error: {error.msg}{code}", source=where)
+    line = None
+    tb = error.__traceback__
+    while tb is not None:  # the innermost line of this file that the error passed through
+        if Path(tb.tb_frame.f_code.co_filename) == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = _shown(path) if line is None else f"{_shown(path)}:{line}"
+    if isinstance(error, SpecError):
+        return SpecError(error.message, error.path, source=where)
+    return SpecError(_describe(error), source=where)
 
 
 def load(path: str | Path, expected: type[S] | None = None, *, name: str | None = None) -> S:

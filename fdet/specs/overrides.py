@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
 from collections.abc import Sequence
 from typing import Any, TypeVar, Union, get_args, get_origin
@@ -50,7 +51,32 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = json.loads(raw)
     except ValueError:
         value = raw
+    bad = _non_finite(value)
+    if bad is not None:
+        where, number = bad
+        raise SpecError(
+            f"{number} is not a finite number (in {item!r}); spec numbers must be finite",
+            path + where,
+        )
     return path, value
+
+
+def _non_finite(value: Any, where: str = "") -> tuple[str, float] | None:
+    """The place and value of the first infinite or NaN number in a parsed JSON value (Python's
+    json reads ``Infinity``, ``NaN`` and overflowing literals such as ``1e999``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, dict):
+        items = ((f".{k}", v) for k, v in value.items())
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, where + key)
+        if found is not None:
+            return found
+    return None
 
 
 def apply_overrides(spec: S, overrides: Sequence[str]) -> S:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -46,6 +47,8 @@ def _int(value: Any, _: type) -> int:
 def _float(value: Any, _: type) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"expected a number, got {_describe(value)}")
+    if not math.isfinite(value):  # Python's json reads Infinity and NaN; a spec never holds them
+        raise SpecError(f"expected a finite number, got {value}")
     return float(value)
 
 

@@ -1,5 +1,6 @@
 """Training specs: optimizers, parameter groups, EMA, and the experiment root."""
 
+import math
 from typing import Literal
 
 import attrs
@@ -132,8 +133,11 @@ class Experiment(Spec):
             )
         if self.base_batch_size is not None and self.base_batch_size <= 0:
             raise SpecError(f"must be > 0 or null, got {self.base_batch_size}", "base_batch_size")
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise SpecError(f"must be > 0 or null, got {self.grad_clip_norm}", "grad_clip_norm")
+        if self.grad_clip_norm is not None and not 0 < self.grad_clip_norm < math.inf:
+            raise SpecError(
+                f"must be a finite number > 0, or null, got {self.grad_clip_norm}",
+                "grad_clip_norm",
+            )
         warmup = self.schedule.warmup
         if warmup is not None and warmup.iters > self.iterations:
             raise SpecError(

@@ -216,3 +216,16 @@ def test_interrupted_generation_leaves_no_complete_looking_cache(
     again = ensure_shapes(_spec(tmp_path))
     assert again.train_annotations.is_file() and (again.root / shapes_module.MANIFEST).is_file()
     assert [p.name for p in tmp_path.iterdir()] == [paths.root.name]
+
+
+def test_the_set_folder_follows_the_umask(tmp_path: Path) -> None:
+    """The set is made in a temporary folder and renamed into place: it must not keep the
+    temporary folder's private mode."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        paths = generate_shapes(tmp_path / "set", train=1, val=1, size=32, min_object_size=8)
+    finally:
+        os.umask(umask)
+    assert (paths.root.stat().st_mode & 0o777) == 0o755

@@ -434,6 +434,110 @@ def test_batched_nms_on_empty_inputs():
 
 
 # ------------------------------------------------------------------------------------------------
+# Against greedy NMS written out
+# ------------------------------------------------------------------------------------------------
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    """IoU of two xyxy boxes; 0 when both are empty."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def greedy_nms(boxes, scores, labels, valid, iou_threshold: float) -> list[list[int]]:
+    """Per image, the indices kept by textbook greedy NMS, best first: visit the valid
+    candidates by score descending and keep one unless a kept candidate of its label overlaps
+    it with IoU > ``iou_threshold``."""
+    kept_per_image = []
+    for b in range(len(boxes)):
+        order = sorted(
+            (c for c in range(len(boxes[b])) if valid[b][c]), key=lambda c: -scores[b][c]
+        )
+        kept: list[int] = []
+        for c in order:
+            if all(
+                labels[b][k] != labels[b][c] or iou(boxes[b][k], boxes[b][c]) <= iou_threshold
+                for k in kept
+            ):
+                kept.append(c)
+        kept_per_image.append(kept)
+    return kept_per_image
+
+
+@st.composite
+def grid_nms_cases(draw: st.DrawFn):
+    """Boxes on a coarse grid (with a binary scale, so every IoU is computed exactly): many
+    duplicates, touching and empty boxes, and IoUs exactly at the thresholds; distinct scores
+    (ties have no defined winner); invalid candidates with garbage boxes."""
+    batch = draw(st.integers(1, 3))
+    num = draw(st.integers(0, 24))
+    scale = draw(st.sampled_from([1.0, 0.5, 0.25, 8.0]))
+    coords = st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 8), st.integers(0, 8))
+    cells = draw(st.lists(coords, min_size=batch * num, max_size=batch * num))
+    boxes = torch.tensor(
+        [[x * scale, y * scale, (x + w) * scale, (y + h) * scale] for x, y, w, h in cells],
+        dtype=torch.float32,
+    ).reshape(batch, num, 4)
+    ranks = draw(
+        st.lists(st.integers(0, 10**6), min_size=batch * num, max_size=batch * num, unique=True)
+    )
+    scores = (torch.tensor(ranks, dtype=torch.float64) / 10**6).float().reshape(batch, num)
+    num_labels = draw(st.integers(1, 3))
+    labels = draw(
+        st.lists(st.integers(0, num_labels - 1), min_size=batch * num, max_size=batch * num)
+    )
+    labels = torch.tensor(labels, dtype=torch.int64).reshape(batch, num)
+    flags = draw(st.lists(st.booleans(), min_size=batch * num, max_size=batch * num))
+    valid = torch.tensor(flags, dtype=torch.bool).reshape(batch, num)
+    boxes = torch.where(valid[..., None], boxes, float("nan"))
+    return boxes, scores, labels, valid
+
+
+@given(
+    case=grid_nms_cases(),
+    iou_threshold=st.sampled_from([0.0, 0.25, 1 / 3, 0.5, 0.7, 1.0]),
+    max_detections=st.integers(1, 30),
+)
+def test_nms_equals_greedy_nms_written_out(case, iou_threshold, max_detections):
+    boxes, scores, labels, valid = case
+    expected = greedy_nms(
+        boxes.tolist(), scores.tolist(), labels.tolist(), valid.tolist(), iou_threshold
+    )
+    keep = nms_keep_mask(boxes, scores, labels, valid, iou_threshold=iou_threshold)
+    for b, kept in enumerate(expected):
+        assert sorted(keep[b].nonzero().flatten().tolist()) == sorted(kept), f"image {b}"
+    det = batched_nms(
+        boxes, scores, labels, valid, iou_threshold=iou_threshold, max_detections=max_detections
+    )
+    assert_well_formed(det, max_detections)
+    for b, kept in enumerate(expected):
+        top = torch.tensor(kept[:max_detections], dtype=torch.int64)
+        n = len(top)
+        assert det.valid[b].sum() == n, f"image {b}"
+        assert torch.equal(det.scores[b, :n], scores[b, top])
+        assert torch.equal(det.labels[b, :n], labels[b, top])
+        assert torch.equal(det.boxes[b, :n], boxes[b, top])
+
+
+def test_greedy_nms_reference_on_a_worked_example():
+    """The reference itself. A suppresses B (IoU 1/2); B would suppress C (IoU 1/3) but is gone,
+    and A overlaps C less (IoU 1/5); D has another label; E, the best, is invalid."""
+    a, b, c = [0, 0, 2, 1], [0, 0, 1, 1], [-0.5, 0, 0.5, 1]
+    boxes = [[a, b, c, a, a]]
+    scores = [[0.9, 0.8, 0.7, 0.6, 1.0]]
+    labels = [[0, 0, 0, 1, 0]]
+    valid = [[True, True, True, True, False]]
+    assert (iou(a, b), iou(b, c), iou(a, c)) == (0.5, 1 / 3, 0.2)
+    assert greedy_nms(boxes, scores, labels, valid, 0.3) == [[0, 2, 3]]
+    assert greedy_nms(boxes, scores, labels, valid, 0.5) == [[0, 1, 2, 3]]  # 1/2 is not > 1/2
+    assert greedy_nms(boxes, scores, labels, valid, 0.1) == [[0, 3]]
+    assert greedy_nms([[a, a]], [[0.5, 0.6]], [[0, 0]], [[True, True]], 1.0) == [[1, 0]]
+
+
+# ------------------------------------------------------------------------------------------------
 # Compiled and exported
 # ------------------------------------------------------------------------------------------------
 

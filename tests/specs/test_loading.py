@@ -80,3 +80,66 @@ def test_derived_file_imports_its_base(tmp_path: Path) -> None:
     derived = specs.load(tmp_path / "derived.py")
     assert derived.backbone.depth == 101
     assert derived.head == specs.load(tmp_path / "base.py").head
+
+
+def test_syntax_error_names_the_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.py").write_text(
+        "from fdet import specs\n"
+        "MODEL = specs.RetinaNet(head=specs.RetinaHead(num_classes=2)\n"
+        "X = 1\n"
+    )
+    with pytest.raises(SpecError) as info:
+        specs.load(tmp_path / "broken.py")
+    assert str(info.value).startswith("broken.py:2: syntax error: '(' was never closed")
+    assert isinstance(info.value.__cause__, SyntaxError)
+
+
+def test_misspelled_keyword_names_the_file_line_and_suggestion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.py").write_text(
+        "from fdet import specs\n"
+        "MODEL = specs.RetinaNet(\n"
+        "    head=specs.RetinaHead(num_clases=2),\n"
+        ")\n"
+    )
+    with pytest.raises(SpecError) as info:
+        specs.load(tmp_path / "typo.py")
+    assert str(info.value) == (
+        "typo.py:3: unknown keyword 'num_clases' for RetinaHead; did you mean 'num_classes'? "
+        "allowed keywords: num_classes, num_convs, channels, prior_prob, norm"
+    )
+    # a derived file: the error is where the typo is, in the base
+    (tmp_path / "derived.py").write_text(
+        "from pathlib import Path\nfrom fdet.specs import load_module\n"
+        "BASE = load_module(Path(__file__).with_name('typo.py'))\nMODEL = BASE.MODEL\n"
+    )
+    with pytest.raises(SpecError, match=r"^typo\.py:3: unknown keyword 'num_clases'"):
+        specs.load(tmp_path / "derived.py")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("MODEL = specs.RetinaHead()", "bad.py:2: RetinaHead needs 'num_classes'"),
+        ("MODEL = specs.RetinaHead(num_classes=0)", "bad.py:2: num_classes: must be > 0, got 0"),
+        ("MODEL = specs.RetinaHead(num_classes=n)", "bad.py:2: NameError: name 'n' is not defined"),
+        ("import attrs\nMODEL = attrs.evolve(specs.FPN(), chanels=8)", "bad.py:3: unknown keyword"),
+        (
+            "from fdet.specs import load_module\nBASE = load_module('gone.py')",
+            "bad.py:3: spec file not found: ",
+        ),
+    ],
+)
+def test_errors_in_a_spec_file_name_the_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.py").write_text(f"from fdet import specs\n{body}\n")
+    with pytest.raises(SpecError) as info:
+        specs.load("bad.py")
+    assert str(info.value).startswith(message)

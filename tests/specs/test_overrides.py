@@ -207,3 +207,21 @@ def test_errors_in_fields_typed_by_a_base() -> None:
     assert e.path == "schedule.decay.min_factor" and "in StepDecay" in e.message
     e = _error(base, "schedule.warmup.iters=1001")
     assert e.path == "schedule.warmup.iters" and "must not exceed iterations" in e.message
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("optimizer.lr=Infinity", "optimizer.lr: inf is not a finite number"),
+        ("optimizer.lr=-Infinity", "optimizer.lr: -inf is not a finite number"),
+        ("optimizer.lr=NaN", "optimizer.lr: nan is not a finite number"),
+        ("optimizer.lr=1e999", "optimizer.lr: inf is not a finite number"),
+        ("model.anchors.ratios=[0.5, Infinity]", "model.anchors.ratios[1]: inf is not a finite"),
+        ('optimizer={"lr": NaN}', "optimizer.lr: nan is not a finite number"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_path(item: str, message: str) -> None:
+    error = _error(_experiment(), item)
+    assert str(error).startswith(message) and repr(item) in str(error)
+    with pytest.raises(SpecError, match="is not a finite number"):
+        parse_override(item)

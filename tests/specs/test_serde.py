@@ -339,10 +339,33 @@ def test_expected_root_type_is_checked() -> None:
     assert specs.from_json(text, specs.FPN) == specs.FPN()
 
 
-def test_inf_cannot_be_written() -> None:
-    spec = specs.DensePostprocess(min_box_size=math.inf)
+@attrs.frozen(kw_only=True)
+class UncheckedNumber(specs.Spec):
+    """A spec class of one's own whose float field has no validator."""
+
+    value: float = 0.0
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
+def test_non_finite_numbers_are_refused_with_their_path(number: float) -> None:
+    with pytest.raises(SpecError, match=r"^min_box_size: must be (finite|>= 0)"):
+        specs.DensePostprocess(min_box_size=number)
+    with pytest.raises(SpecError, match=r"^lr: must be (finite|> 0)"):
+        specs.SGD(lr=number)
+    with pytest.raises(SpecError, match=r"^grad_clip_norm: must be a finite number > 0"):
+        specs.Experiment(
+            model=specs.RetinaNet(head=specs.RetinaHead(num_classes=2)), grad_clip_norm=number
+        )
+    # JSON as Python reads it (Infinity, NaN, 1e999): refused where it stands
+    text = specs.to_json(specs.SGD()).replace('"lr": 0.01', f'"lr": {json.dumps(number)}')
+    with pytest.raises(SpecError, match=r"^f\.json: lr: expected a finite number, got"):
+        specs.from_json(text, source="f.json")
+    overflow = specs.to_json(specs.SGD()).replace('"lr": 0.01', '"lr": 1e999')
+    with pytest.raises(SpecError, match=r"^lr: expected a finite number, got inf"):
+        specs.from_json(overflow)
+    # a float field without a validator still cannot be written
     with pytest.raises(SpecError, match="cannot be written as JSON"):
-        specs.to_json(spec)
+        specs.to_json(UncheckedNumber(value=number))
 
 
 @pytest.mark.parametrize(
