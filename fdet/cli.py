@@ -82,6 +82,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(exp, sys.stdout)
         return 0
+    from fdet.train.run_dir import check_run_dir
+
+    check_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)  # before saying more
     print(f"fdet train: {args.resume or args.spec} -> {out}", file=sys.stderr)
     result = train(
         exp,

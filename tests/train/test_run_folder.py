@@ -73,6 +73,7 @@ def test_a_folder_holding_a_run_is_refused_then_replaced_only_with_overwrite(
 
     refused = fdet("train", new, "--out", run, "--no-progress")
     assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr  # the error alone
     [line] = error_lines(refused.stderr)
     assert f"the folder {run} holds a run already (checkpoints up to iteration 4)" in line
     assert f"fdet train --resume {run}" in line and "--overwrite" in line
