@@ -87,9 +87,13 @@ class Experiment(Spec):
     (0: all); a checkpoint every ``checkpoint_interval`` iterations and at the end, keeping the
     last ``keep_checkpoints`` and the best by validation AP.
 
-    ``precision``: ``fp32``, ``bf16`` autocast (CPU or CUDA) or ``fp16`` autocast with a gradient
-    scaler (CUDA only); losses and box coding stay in float32. ``base_batch_size``: when set, the
-    learning rate is scaled by (total batch over all processes) / ``base_batch_size``.
+    ``precision``: ``fp32``, ``bf16`` autocast (CPU or CUDA), ``fp16`` autocast with a gradient
+    scaler (CUDA only), or ``auto``: ``bf16`` where the device computes in bfloat16 natively
+    (:func:`fdet.runtime.native_bf16`), ``fp32`` elsewhere; losses and box coding stay in
+    float32. ``allocator``: ``retain`` makes glibc keep freed memory in the heap
+    (:func:`fdet.runtime.configure_allocator`), ``default`` leaves the allocator alone.
+    ``base_batch_size``: when set, the learning rate is scaled by (total batch over all
+    processes) / ``base_batch_size``.
     ``compile``: ``"objective"`` compiles the loss function only (cheap, and what pays on CPU),
     ``"model"`` also the network, ``"none"`` nothing. ``deterministic``: deterministic
     algorithms, for bit-identical resumes. ``early_stopping``: stop after that many evaluations
@@ -112,8 +116,11 @@ class Experiment(Spec):
     seed: int = 0
     num_workers: int = attrs.field(default=2, validator=non_negative)
     param_groups: ParamGroups = ParamGroups()
-    precision: Literal["fp32", "bf16", "fp16"] = attrs.field(
-        default="fp32", validator=one_of("fp32", "bf16", "fp16")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = attrs.field(
+        default="fp32", validator=one_of("fp32", "bf16", "fp16", "auto")
+    )
+    allocator: Literal["default", "retain"] = attrs.field(
+        default="default", validator=one_of("default", "retain")
     )
     accumulate: int = attrs.field(default=1, validator=positive)
     ema: EMA | None = None

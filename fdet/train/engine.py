@@ -25,6 +25,7 @@ import attrs
 import torch
 
 from fdet import build, specs
+from fdet.runtime import AllocatorSetting, PrecisionChoice, configure_allocator, resolve_precision
 from fdet.train.checkpoint import CheckpointError
 from fdet.train.data import (
     TrainingError,
@@ -78,11 +79,14 @@ class TrainResult:
     model: Any = attrs.field(default=None, repr=False)  # the trained module (raw weights)
 
 
-def _check_precision(exp: specs.Experiment, device: torch.device) -> None:
+def _check_precision(exp: specs.Experiment, device: torch.device) -> PrecisionChoice:
+    """The precision the run uses (``auto`` resolved for ``device``), once; fp16 off CUDA is an
+    error."""
     if exp.precision == "fp16" and device.type != "cuda":
         raise TrainingError(
             f"precision 'fp16' needs a CUDA device (this run is on {device}); use 'bf16' on CPU"
         )
+    return resolve_precision(exp.precision, device)
 
 
 def train(
@@ -125,7 +129,7 @@ def train(
     dist = init_distributed(str(device) if device is not None else None)
     dev = torch.device(dist.device)
     try:
-        _check_precision(exp, dev)
+        precision = _check_precision(exp, dev)
 
         def say(line: str) -> None:
             if dist.is_main:
@@ -138,6 +142,11 @@ def train(
             resumed_from, ckpt = resume_checkpoint(
                 out, exp, main=dist.is_main, warn=lambda line: say(f"warning: {line}")
             )
+        allocator = configure_allocator() if exp.allocator == "retain" else None
+        if precision.requested != precision.used:
+            say(f"precision {precision.requested}: {precision.used} ({precision.reason})")
+        if allocator is not None and not allocator.configured:
+            say(f"warning: allocator 'retain' not applied: {allocator.reason}")
         seed_everything(exp.seed)
         if exp.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -152,7 +161,17 @@ def train(
             val=datasets.val if evaluates else None,
         )
         if dist.is_main:
-            _prepare_run_dir(out, exp, dev, dist.world_size, ckpt, overwrite=overwrite, say=say)
+            _prepare_run_dir(
+                out,
+                exp,
+                dev,
+                dist.world_size,
+                ckpt,
+                overwrite=overwrite,
+                say=say,
+                precision=precision,
+                allocator=allocator,
+            )
         loader = experiment_loader(
             exp, datasets.train, train=True, rank=dist.rank, world_size=dist.world_size
         )
@@ -174,7 +193,7 @@ def train(
             raw=raw,
             model=raw,
             optimizer=optimizer,
-            scaler=torch.amp.GradScaler("cuda") if exp.precision == "fp16" else None,
+            scaler=torch.amp.GradScaler("cuda") if precision.used == "fp16" else None,
             ema=ema,
             datasets=datasets,
             batches=iter(()),
@@ -183,6 +202,7 @@ def train(
             base_lrs=[g["lr"] * scale for g in optimizer.param_groups],
             logs=Logs(out, dist.is_main),
             console=None,
+            precision=precision.used,
         )
         if ckpt is not None:
             trainer.restore(ckpt, source=resumed_from)
@@ -242,6 +262,8 @@ def _prepare_run_dir(
     *,
     overwrite: bool,
     say: Callable[[str], None],
+    precision: PrecisionChoice,
+    allocator: AllocatorSetting | None,
 ) -> None:
     """Once every check passed: delete the old run (``overwrite``), the temporary files of
     killed writes, and log records the resumed run writes again; then write the run files."""
@@ -266,7 +288,15 @@ def _prepare_run_dir(
             say(f"{out} is finished (iteration {resumed_at}); evaluating it again")
         else:
             say(f"resuming {out} at iteration {resumed_at} of {exp.iterations}")
-    write_run_files(out, exp, device, world_size, resumed_at=resumed_at)
+    write_run_files(
+        out,
+        exp,
+        device,
+        world_size,
+        resumed_at=resumed_at,
+        precision=precision,
+        allocator=allocator,
+    )
 
 
 # --- dry run --------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def _evaluate_one(trainer: Trainer) -> dict[str, Any] | None:
         loader,
         dataset,
         device=trainer.device,
-        autocast=autocast(exp.precision, trainer.device),
+        autocast=autocast(trainer.precision, trainer.device),
         with_loss=True,
     )
     names = list(predictions.loss_terms)

@@ -49,6 +49,7 @@ class Trainer:
     base_lrs: list[float]
     logs: Any  # fdet.train.hooks.Logs
     console: Any  # fdet.train.hooks.Console
+    precision: str = "fp32"  # the experiment's precision, "auto" resolved for the device
     state: TrainState = attrs.field(factory=TrainState)
     started: float = attrs.field(factory=time.perf_counter)
     stop: str | None = None  # "interrupted" or "early" once a hook stops the run

@@ -22,6 +22,7 @@ from torch import nn
 import fdet
 from fdet import build, specs
 from fdet.atomic import TEMP_RE, atomic_write_text
+from fdet.runtime import AllocatorSetting, PrecisionChoice, resolve_precision
 from fdet.train.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -120,8 +121,20 @@ def save_checkpoint(
     return path
 
 
-def run_info(exp: specs.Experiment, device: torch.device, world_size: int) -> dict[str, Any]:
-    """What is needed to reproduce a run: versions, seed, device, and the git commit if any."""
+def run_info(
+    exp: specs.Experiment,
+    device: torch.device,
+    world_size: int,
+    *,
+    precision: PrecisionChoice | None = None,
+    allocator: AllocatorSetting | None = None,
+) -> dict[str, Any]:
+    """What is needed to reproduce a run: versions, seed, device, the git commit if any, the
+    precision used (``precision``: requested, used and why; resolved here when not given) and
+    what became of the experiment's ``allocator`` (``allocator``: the result of
+    :func:`fdet.runtime.configure_allocator`, None when the experiment left it alone)."""
+    if precision is None:
+        precision = resolve_precision(exp.precision, device)
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -145,6 +158,12 @@ def run_info(exp: specs.Experiment, device: torch.device, world_size: int) -> di
         "device": str(device),
         "world_size": world_size,
         "threads": torch.get_num_threads(),
+        "precision": precision._asdict(),
+        "allocator": {
+            "requested": exp.allocator,
+            "configured": allocator is not None and allocator.configured,
+            "reason": "left alone" if allocator is None else allocator.reason,
+        },
         "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -157,12 +176,21 @@ def write_run_files(
     world_size: int,
     *,
     resumed_at: int | None = None,
+    precision: PrecisionChoice | None = None,
+    allocator: AllocatorSetting | None = None,
 ) -> None:
-    """``spec.json`` (the experiment, exactly) and ``run.json`` (or ``run-resumed-N.json``)."""
+    """``spec.json`` (the experiment, exactly) and ``run.json`` (or ``run-resumed-N.json``;
+    :func:`run_info`)."""
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "spec.json", specs.to_json(exp) + "\n")
     name = "run.json" if resumed_at is None else f"run-resumed-{resumed_at}.json"
-    atomic_write_text(out / name, json.dumps(run_info(exp, device, world_size), indent=2) + "\n")
+    atomic_write_text(
+        out / name,
+        json.dumps(
+            run_info(exp, device, world_size, precision=precision, allocator=allocator), indent=2
+        )
+        + "\n",
+    )
 
 
 # --- the folder before a run starts ---------------------------------------------------------------

@@ -51,6 +51,7 @@ class StepContext(Protocol):
     """What a step factory reads (:class:`fdet.train.loop.Trainer` provides it)."""
 
     exp: specs.Experiment
+    precision: str  # the precision the run uses: the experiment's, with "auto" resolved
     model: nn.Module  # what forward calls: the detector, wrapped for data parallel if need be
     raw: nn.Module  # the detector itself
     optimizer: torch.optim.Optimizer
@@ -68,7 +69,13 @@ StepFactory = Callable[[StepContext], Step]
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of an experiment's ``precision`` (``fp32``: none)."""
+    """The autocast context of a resolved ``precision`` (``fp32``: none; resolve ``"auto"``
+    with :func:`fdet.runtime.resolve_precision` first)."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(
+            f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r} (resolve 'auto' "
+            "with fdet.runtime.resolve_precision)"
+        )
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -237,14 +244,14 @@ def apply_update(
 
 def supervised_step(ctx: StepContext) -> Step:
     """The supervised step: each micro-batch of ``ctx.batches`` through ``ctx.forward`` (under
-    the experiment's autocast) and ``ctx.loss_fn``, :func:`backward_terms`, then
+    the run's autocast, ``ctx.precision``) and ``ctx.loss_fn``, :func:`backward_terms`, then
     :func:`apply_update`."""
     exp = ctx.exp
     micro_batches = exp.accumulate
 
     def compute(_: int) -> LossTerms:
         batch = next(ctx.batches).to(ctx.device, non_blocking=True)
-        with autocast(exp.precision, ctx.device):
+        with autocast(ctx.precision, ctx.device):
             outputs = ctx.forward(batch.images)
         return ctx.loss_fn(outputs, batch)
 

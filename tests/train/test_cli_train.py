@@ -48,6 +48,16 @@ def test_train_then_eval_from_the_command_line(
     assert specs.load(run / "spec.json") == specs.load(spec_file)
     info = json.loads((run / "run.json").read_text())
     assert info["torch"] == torch.__version__ and info["seed"] == 0
+    assert info["precision"] == {
+        "requested": "fp32",
+        "used": "fp32",
+        "reason": "set in the experiment",
+    }
+    assert info["allocator"] == {
+        "requested": "default",
+        "configured": False,
+        "reason": "left alone",
+    }
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if "loss" in x]
     assert [x["iteration"] for x in train_lines] == [2, 4, 6]

@@ -193,6 +193,43 @@ def test_bf16_autocast_trains_with_finite_losses(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_resolved_once_used_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    from fdet.runtime import AllocatorSetting
+    from fdet.train import engine
+    from fdet.train.step import supervised_step
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    # the real setting is process-wide: the run records what the engine was told
+    monkeypatch.setattr(
+        engine, "configure_allocator", lambda: AllocatorSetting(True, "configured here")
+    )
+    seen = []
+
+    def factory(ctx):  # type: ignore[no-untyped-def]
+        seen.append(ctx.precision)
+        return supervised_step(ctx)
+
+    exp = gn_experiment(tmp_path / "cache", precision="auto", allocator="retain", iterations=2)
+    result = train(exp, tmp_path / "run", progress=False, final_eval=False, step_factory=factory)
+    used = "bf16" if native else "fp32"
+    assert seen == [used] and result.iterations == 2
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["precision"]["requested"] == "auto" and info["precision"]["used"] == used
+    assert info["precision"]["reason"].startswith(
+        "the CPU has " + ("AVX512" if native else "neither")
+    )
+    assert info["allocator"] == {
+        "requested": "retain",
+        "configured": True,
+        "reason": "configured here",
+    }
+    assert specs.load(tmp_path / "run" / "spec.json").precision == "auto"
+
+
 def test_fp16_on_cpu_is_refused_clearly(tmp_path: Path) -> None:
     exp = gn_experiment(tmp_path / "cache", precision="fp16")
     with pytest.raises(RuntimeError, match=r"'fp16' needs a CUDA device .* use 'bf16' on CPU"):
