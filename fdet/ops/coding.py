@@ -26,6 +26,7 @@ from fdet.ops.boxes import ImageSize, clip_boxes
 
 __all__ = [
     "DEFAULT_SCALE_CLIP",
+    "centerness",
     "decode_deltas",
     "decode_distances",
     "encode_deltas",
@@ -203,3 +204,22 @@ def decode_distances(
     l, t, r, b = (ltrb.to(dtype) * _stride_factor(stride, dtype)).unbind(-1)
     boxes = torch.stack((px - l, py - t, px + r, py + b), dim=-1)
     return boxes if image_size is None else clip_boxes(boxes, image_size)
+
+
+def centerness(ltrb: Float[Tensor, "... 4"]) -> Float[Tensor, " *batch"]:
+    """FCOS centerness of a point in a box, from its distances ``(l, t, r, b)`` to the sides:
+
+    ``sqrt(min(l, r) / max(l, r) · min(t, b) / max(t, b))``
+
+    1 at the box centre, falling to 0 on its border; 0 for a point on or outside the border
+    (negative distances are taken as 0). The unit of the distances does not matter. A target:
+    computed without gradient-safe care for points outside boxes, so mask it to the positives.
+
+    Returns:
+        ``[...]`` in ``[0, 1]``, float32 (float64 for float64 inputs).
+    """
+    d = ltrb.to(_compute_dtype(ltrb)).clamp(min=0)
+    lr, tb = d[..., 0::2], d[..., 1::2]
+    ratio_x = lr.amin(-1) / lr.amax(-1).clamp(min=torch.finfo(d.dtype).tiny)
+    ratio_y = tb.amin(-1) / tb.amax(-1).clamp(min=torch.finfo(d.dtype).tiny)
+    return (ratio_x * ratio_y).sqrt()

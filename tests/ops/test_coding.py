@@ -275,3 +275,18 @@ def test_compiled_equals_eager() -> None:
     compiled = torch.compile(_all_coding_ops, fullgraph=True)
     for got, expected in zip(compiled(*args), _all_coding_ops(*args), strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_centerness_hand_computed_and_bounds() -> None:
+    # FCOS eq. 3: sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))
+    ltrb = torch.tensor([[2.0, 1.0, 2.0, 1.0], [1.0, 2.0, 3.0, 6.0], [0.0, 1.0, 4.0, 1.0]])
+    expected = torch.tensor([1.0, (1 / 3 * 2 / 6) ** 0.5, 0.0])
+    torch.testing.assert_close(C.centerness(ltrb), expected)
+    # a point outside its box (a negative distance) has centerness 0, never NaN
+    outside = torch.tensor([-1.0, 2.0, 5.0, 2.0])
+    assert C.centerness(outside).item() == 0.0
+    # unit-free: scaling all distances (e.g. by a stride) leaves it unchanged
+    torch.testing.assert_close(C.centerness(ltrb * 8), expected)
+    random = torch.rand(1000, 4, dtype=torch.float64) * 50
+    values = C.centerness(random)
+    assert values.dtype == torch.float64 and bool(((values >= 0) & (values <= 1)).all())
