@@ -60,15 +60,43 @@ def build_optimizer(
     return build(spec, params=groups)
 
 
+def _fused(fused: bool | None, params: list[dict]) -> bool:
+    """The spec's ``fused``, or with None whether torch has a fused kernel for every
+    parameter's device (and a floating dtype)."""
+    if fused is not None:
+        return fused
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return all(
+        p.device.type in devices and torch.is_floating_point(p)
+        for group in params
+        for p in group["params"]
+    )
+
+
 @register(specs.SGD)
 def build_sgd(spec: specs.SGD, *, params: list[dict]) -> torch.optim.SGD:
-    """``torch.optim.SGD`` over ``params`` (groups carrying their ``lr`` and ``weight_decay``)."""
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    """``torch.optim.SGD`` over ``params`` (groups carrying their ``lr`` and ``weight_decay``),
+    fused where ``spec.fused`` says (None: where torch has the kernel)."""
+    return torch.optim.SGD(
+        params,
+        lr=spec.lr,
+        momentum=spec.momentum,
+        nesterov=spec.nesterov,
+        fused=_fused(spec.fused, params) or None,
+    )
 
 
 @register(specs.AdamW)
 def build_adamw(spec: specs.AdamW, *, params: list[dict]) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` over ``params`` (groups carrying their ``lr`` and
-    ``weight_decay``)."""
+    ``weight_decay``), fused where ``spec.fused`` says (None: where torch has the kernel)."""
     beta1, beta2 = spec.betas
-    return torch.optim.AdamW(params, lr=spec.lr, betas=(beta1, beta2), eps=spec.eps)
+    return torch.optim.AdamW(
+        params,
+        lr=spec.lr,
+        betas=(beta1, beta2),
+        eps=spec.eps,
+        fused=_fused(spec.fused, params) or None,
+    )

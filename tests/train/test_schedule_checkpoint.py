@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -75,6 +76,35 @@ def test_sgd_and_adamw_builders() -> None:
     ] * 2
     adamw = build_optimizer(specs.AdamW(betas=(0.8, 0.9), eps=1e-6), model)
     assert adamw.param_groups[0]["betas"] == (0.8, 0.9) and adamw.param_groups[0]["eps"] == 1e-6
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_fused_optimizers_by_default_where_torch_has_the_kernel(name: str) -> None:
+    """``fused=None`` takes torch's fused kernel on a CPU; ``False`` keeps the foreach path;
+    both take the same steps, to float32 rounding."""
+    spec_type = getattr(specs, name)
+    torch.manual_seed(0)
+    # no bias right before a batch norm: its gradient would be rounding noise, which Adam's
+    # normalized step turns into a full step of either sign
+    conv1 = torch.nn.Conv2d(3, 4, 3, bias=False)
+    model = torch.nn.Sequential(
+        conv1, torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1)
+    )
+    models = {fused: copy.deepcopy(model) for fused in (None, False)}
+    lr = 0.1
+    opts = {f: build_optimizer(spec_type(lr=lr, fused=f), m) for f, m in models.items()}
+    assert all(g["fused"] for g in opts[None].param_groups)
+    assert not any(g["fused"] for g in opts[False].param_groups)
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 6, 6)
+    for fused, m in models.items():
+        for _ in range(3):
+            (m(x) - target).square().mean().backward()
+            opts[fused].step()
+            opts[fused].zero_grad()
+    for a, b in zip(models[None].parameters(), models[False].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = [not torch.equal(a, b) for a, b in zip(model.parameters(), models[None].parameters())]
+    assert all(moved)
 
 
 @attrs.frozen(kw_only=True)
