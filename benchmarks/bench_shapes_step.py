@@ -1,7 +1,17 @@
-"""The shapes training step on a CPU: precision, memory layout and the C allocator.
+"""The shapes training step on a CPU: today's recipe against the new default; precision,
+memory layout and the C allocator.
 
-The shapes R18-FPN spec's model at its training batch (16 × 128², random uint8 images, 8–12
-random boxes an image), one full SGD step (forward, loss, backward, update), in four
+First the two recipes of the shapes spec's own step (its model, AdamW and gradient clipping, at
+its training batch: 16 × 128², random uint8 images, 8–12 random boxes an image): the recipe
+before this benchmark's changes — float32, contiguous tensors, the multi-tensor AdamW, glibc's
+default allocator — against the spec's default now: ``precision="auto"`` (bf16 autocast where the
+CPU computes it natively), the fused AdamW and ``allocator="retain"``. They take turns in one
+process under glibc's defaults (precision and optimizer), then, since allocator settings are
+process-wide, each in fresh processes with its own allocator, the processes alternating
+(today, new, today, new). For each: the median step, the ratio, and the mean minor page faults
+and system CPU time a step (``getrusage``).
+
+Then the parts one by one: one full SGD step (forward, loss, backward, update), in four
 configurations interleaved in one process: fp32 with contiguous tensors (the recipe today),
 bf16 autocast, channels_last fp32 and channels_last with bf16 autocast. For each: the median
 step, its ratio to today's recipe, and the mean minor page faults and system CPU time a step
@@ -25,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from _common import cpu_model, interleaved, median, table
 
@@ -48,6 +59,62 @@ ENV_SETTINGS = {
 def _usage() -> tuple[int, float]:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_minflt, r.ru_stime
+
+
+def recipe_step(model: Any, batch: Any, recipe: str) -> Callable[[], None]:
+    """One step of the shapes spec's own training (AdamW, gradient clipping) of its own copy of
+    ``model``: ``recipe`` "today" (fp32, the foreach AdamW) or "new" (the spec's precision and
+    optimizer as they are: ``auto`` precision, the fused AdamW where torch has it)."""
+    from fdet.runtime import resolve_precision
+    from fdet.train.optim import build_optimizer
+    from fdet.train.step import apply_update
+
+    exp = specs.load(SHAPES_SPEC, specs.Experiment, name="EXPERIMENT")
+    model = copy.deepcopy(model)
+    if recipe == "today":
+        precision = "fp32"
+        optimizer_spec = attrs.evolve(exp.optimizer, fused=False)
+    else:
+        precision = resolve_precision(exp.precision, "cpu").used
+        optimizer_spec = exp.optimizer
+    opt = build_optimizer(optimizer_spec, model, exp.param_groups)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outputs = model(batch.images)
+        total_loss(model.loss(outputs, batch)).backward()
+        apply_update(opt, params, grad_clip_norm=exp.grad_clip_norm)
+
+    return step
+
+
+def _model_and_batch() -> tuple[Any, Any]:
+    from bench_retinanet import random_batch, random_images
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = build(specs.load(SHAPES_SPEC, specs.Experiment, name="EXPERIMENT").model).train()
+    batch = random_batch(random_images(16, 128, g), model.head.num_classes, g)
+    return model, batch
+
+
+def _summary(times: list[float], record: list[tuple[int, float]], repeats: int) -> dict:
+    timed = record[-repeats:]  # the warm-up calls are left out
+    return {
+        "ms": median(times) * 1e3,
+        "faults": sum(f for f, _ in timed) / len(timed),
+        "sys_ms": sum(s for _, s in timed) / len(timed) * 1e3,
+    }
+
+
+def measure_recipes(names: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms a step of each recipe in ``names``, interleaved, with faults and system ms."""
+    model, batch = _model_and_batch()
+    records: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
+    steps = {name: metered(recipe_step(model, batch, name), records[name]) for name in names}
+    times = interleaved(steps, repeats=repeats, warmup=2)
+    return {name: _summary(times[name], records[name], repeats) for name in names}
 
 
 def make_step(model: Any, batch: Any, precision: str, channels_last: bool) -> Callable[[], None]:
@@ -84,26 +151,13 @@ def metered(fn: Callable[[], None], record: list[tuple[int, float]]) -> Callable
 def measure(names: list[str], repeats: int) -> dict[str, dict[str, float]]:
     """Median ms a step of each configuration, interleaved, and the mean minor faults and
     system ms a step (a step that grows the heap faults where the others do not)."""
-    from bench_retinanet import random_batch, random_images
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = build(specs.load(SHAPES_SPEC, specs.Experiment, name="EXPERIMENT").model).train()
-    batch = random_batch(random_images(16, 128, g), model.head.num_classes, g)
+    model, batch = _model_and_batch()
     records: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
     steps = {
         name: metered(make_step(model, batch, *CONFIGS[name]), records[name]) for name in names
     }
     times = interleaved(steps, repeats=repeats, warmup=2)
-    result = {}
-    for name in names:
-        timed = records[name][-repeats:]  # the warm-up calls are left out
-        result[name] = {
-            "ms": median(times[name]) * 1e3,
-            "faults": sum(f for f, _ in timed) / len(timed),
-            "sys_ms": sum(s for _, s in timed) / len(timed) * 1e3,
-        }
-    return result
+    return {name: _summary(times[name], records[name], repeats) for name in names}
 
 
 def child(allocator: str, names: list[str], repeats: int) -> None:
@@ -113,7 +167,8 @@ def child(allocator: str, names: list[str], repeats: int) -> None:
         from fdet.runtime import configure_allocator
 
         setting = configure_allocator()._asdict()
-    print(json.dumps({"setting": setting, "results": measure(names, repeats)}))
+    fn = measure_recipes if names[0] in RECIPES else measure
+    print(json.dumps({"setting": setting, "results": fn(names, repeats)}))
 
 
 def in_subprocess(allocator: str, names: list[str], repeats: int) -> dict[str, Any]:
@@ -133,6 +188,40 @@ def in_subprocess(allocator: str, names: list[str], repeats: int) -> dict[str, A
     return json.loads(out.splitlines()[-1])
 
 
+RECIPES = {"today": "glibc defaults", "new": "configure_allocator()"}
+
+
+def _row(label: str, r: dict[str, float], base: float) -> list[str]:
+    ms, faults, sys_ms = r["ms"], r["faults"], r["sys_ms"]
+    return [label, f"{ms:.0f} ms", f"{base / ms:.2f}", f"{faults:.0f}", f"{sys_ms:.1f} ms"]
+
+
+def recipes(repeats: int) -> None:
+    """Today's recipe against the new default: in one process, then alternating processes."""
+    header = ["recipe", "step", "× today", "minor faults", "system"]
+    print(
+        "\nshapes step as the spec trains it (AdamW, clipping), 16 × 128²: today (fp32, foreach "
+        "AdamW, glibc defaults) against the new default (precision auto, fused AdamW, "
+        f"allocator retain); median of {repeats} steps; faults and system time a step\n"
+    )
+    together = in_subprocess("glibc defaults", list(RECIPES), repeats)["results"]
+    base = together["today"]["ms"]
+    print("in one process, interleaved, glibc defaults for both:")
+    print(table(header, [_row(name, r, base) for name, r in together.items()]))
+    found: dict[str, list[dict[str, float]]] = {name: [] for name in RECIPES}
+    for _ in range(2):
+        for name, allocator in RECIPES.items():
+            found[name].append(in_subprocess(allocator, [name], repeats)["results"][name])
+    base = median([r["ms"] for r in found["today"]])
+    rows = []
+    for name, runs in found.items():
+        merged = {key: median([r[key] for r in runs]) for key in ("ms", "faults", "sys_ms")}
+        rows.append(_row(f"{name} ({RECIPES[name]})", merged, base))
+    print("\neach in its own process with its own allocator, alternating, median of 2 processes:")
+    print(table(header, rows))
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 10")
@@ -145,6 +234,7 @@ def main() -> None:
         return
     repeats = 3 if args.quick else 10
     print(f"{cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    recipes(repeats)
     print(
         f"shapes R18-FPN train step, 16 × 128², SGD; median of {repeats} steps, interleaved; "
         "faults and system time: mean a step\n"

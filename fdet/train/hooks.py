@@ -19,6 +19,7 @@ from torch import Tensor
 from fdet.atomic import atomic_write_text
 from fdet.train.data import TrainingError
 from fdet.train.loop import Hook, Trainer
+from fdet.train.step import DATA_WAIT
 
 __all__ = [
     "CheckpointHook",
@@ -168,13 +169,16 @@ class LogHook(Hook):
         }
         trainer.logs.write(record)
         parts = " ".join(
-            f"{k} {v:.4f}" for k, v in means.items() if k != "loss" and not k.endswith("_count")
+            f"{k} {v:.4f}"
+            for k, v in means.items()
+            if k not in ("loss", DATA_WAIT) and not k.endswith("_count")
         )
+        wait = f" data wait {means[DATA_WAIT]:.0f} ms" if DATA_WAIT in means else ""
         trainer.console.update(
             self.window,
             {"loss": f"{means['loss']:.4f}", "lr": f"{lr:.2e}"},
             f"[{done}/{exp.iterations}] loss {means['loss']:.4f} ({parts}) lr {lr:.2e} "
-            f"{rate:.2f} it/s eta {eta / 60:.1f} min",
+            f"{rate:.2f} it/s{wait} eta {eta / 60:.1f} min",
         )
         self.running, self.window, self.window_start = {}, 0, now
 

@@ -24,6 +24,7 @@ way and hands them to :func:`backward_terms` and :func:`apply_update`; the loop 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -42,6 +43,9 @@ __all__ = [
     "backward_terms",
     "supervised_step",
 ]
+
+DATA_WAIT = "data_wait_ms"
+"""The value a step reports for the milliseconds it waited for its batches."""
 
 Step = Callable[[], dict[str, Tensor]]
 """One optimizer update; returns detached scalars by name (every term, ``loss``, the counts)."""
@@ -248,14 +252,19 @@ def supervised_step(ctx: StepContext) -> Step:
     :func:`apply_update`."""
     exp = ctx.exp
     micro_batches = exp.accumulate
+    waited = [0.0]
 
     def compute(_: int) -> LossTerms:
-        batch = next(ctx.batches).to(ctx.device, non_blocking=True)
+        start = time.perf_counter()
+        batch = next(ctx.batches)
+        waited[0] += time.perf_counter() - start
+        batch = batch.to(ctx.device, non_blocking=True)
         with autocast(ctx.precision, ctx.device):
             outputs = ctx.forward(batch.images)
         return ctx.loss_fn(outputs, batch)
 
     def step() -> dict[str, Tensor]:
+        waited[0] = 0.0
         values = backward_terms(
             compute,
             accumulate=micro_batches,
@@ -269,6 +278,8 @@ def supervised_step(ctx: StepContext) -> Step:
             scaler=ctx.scaler,
             grad_clip_norm=exp.grad_clip_norm,
         )
+        # what the step waited for its batches (host time; 0 when the loader keeps ahead)
+        values[DATA_WAIT] = torch.tensor(waited[0] * 1e3, device=values["loss"].device)
         return values
 
     return step

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
@@ -63,7 +64,19 @@ def test_version_1_file_loads_and_writes_version_2(path: Path) -> None:
     ],
 )
 def test_zoo_experiments_written_by_version_1_equal_todays_zoo(fixture: str, zoo_file: str) -> None:
-    assert specs.load(V1 / f"{fixture}.json") == specs.load(ZOO / zoo_file)
+    zoo = specs.load(ZOO / zoo_file)
+    if fixture == "shapes_retinanet_r18_fpn":
+        # the shapes recipe changed since: bf16 where native, the retained heap, a higher peak
+        # learning rate after a shorter warm-up (docs/benchmarks.md); the rest is as written then
+        assert isinstance(zoo, specs.Experiment)
+        zoo = attrs.evolve(
+            zoo,
+            precision="fp32",
+            allocator="default",
+            optimizer=attrs.evolve(zoo.optimizer, lr=1e-3),
+            schedule=attrs.evolve(zoo.schedule, warmup=specs.LinearWarmup(iters=200, factor=0.01)),
+        )
+    assert specs.load(V1 / f"{fixture}.json") == zoo
 
 
 def test_variants_equal_specs_written_by_hand() -> None:

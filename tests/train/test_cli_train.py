@@ -17,6 +17,10 @@ ZOO = Path(__file__).resolve().parents[2] / "specs"
 
 
 def tiny_experiment(cache: Path, **kw: object) -> specs.Experiment:
+    """The shapes spec cut down to seconds: 64² images, a narrow backbone, 6 steps; float32
+    and the default allocator unless ``kw`` says otherwise (exactness tests compare runs in
+    float32)."""
+    kw = {"precision": "fp32", "allocator": "default", **kw}
     base = specs.load(ZOO / "shapes" / "retinanet_r18_fpn.py", specs.Experiment)
     model = attrs.evolve(base.model, backbone=attrs.evolve(base.model.backbone, width=16))
     return attrs.evolve(

@@ -153,3 +153,69 @@ def test_two_processes_give_the_whole_batch_gradient(tmp_path, accumulate, share
     expected, _ = _reference_grads(shared)
     for g, e in zip(got["grads"], expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+class _SlowBatches:
+    """Batches that take ``delay`` seconds each to arrive."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __iter__(self) -> _SlowBatches:
+        return self
+
+    def __next__(self) -> object:
+        import time
+        from types import SimpleNamespace
+
+        time.sleep(self.delay)
+        x, y, mask = _data()
+        images = torch.cat([x, y, mask[:, None].float()], dim=1)
+        return SimpleNamespace(images=images, to=lambda *a, **k: SimpleNamespace(images=images))
+
+
+@pytest.mark.parametrize(("delay", "accumulate"), [(0.0, 1), (0.05, 1), (0.05, 3)])
+def test_the_step_reports_how_long_it_waited_for_data(delay: float, accumulate: int) -> None:
+    from types import SimpleNamespace
+
+    from fdet.train.step import DATA_WAIT, supervised_step
+
+    model = _model()
+
+    def loss_fn(outputs: torch.Tensor, batch: object) -> dict[str, Term]:
+        x, y, mask = outputs[:, :3], outputs[:, 3:5], outputs[:, 5].bool()
+        return _terms(model, x, y, mask, shared=True)
+
+    exp = _experiment(accumulate)
+    ctx = SimpleNamespace(
+        exp=exp,
+        precision="fp32",
+        model=model,
+        raw=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        scaler=None,
+        batches=_SlowBatches(delay),
+        device=torch.device("cpu"),
+        forward=lambda images: images,
+        loss_fn=loss_fn,
+        world_size=1,
+    )
+    step = supervised_step(ctx)  # type: ignore[arg-type]
+    waits = [float(step()[DATA_WAIT]) for _ in range(2)]
+    expected = delay * accumulate * 1e3  # every micro-batch waits
+    assert all(wait >= expected for wait in waits)
+    # each step reports its own wait, not a running total (which would be 2x on the second)
+    assert all(wait < (1.9 * expected if expected else 50.0) for wait in waits)
+
+
+def _experiment(accumulate: int) -> object:
+    """An experiment whose step has ``accumulate`` micro-batches and no gradient clipping."""
+    import attrs
+
+    from fdet import specs
+
+    base = specs.Experiment(
+        model=specs.RetinaNet(head=specs.RetinaHead(num_classes=2)),
+        data=specs.ShapesData(train_images=8, val_images=2, image_size=64),
+    )
+    return attrs.evolve(base, batch_size=accumulate * 4, accumulate=accumulate, grad_clip_norm=None)
