@@ -1,20 +1,28 @@
-"""torchvision's RetinaNet as an fdet spec, state dict and detector.
+"""torchvision's RetinaNet and FCOS as fdet specs, state dicts and detectors.
 
     >>> tv = torchvision.models.detection.retinanet_resnet50_fpn_v2(weights=...)
     >>> detector = load_torchvision(tv)          # fdet RetinaNet with the same weights
     >>> detections = detector.predict(images)    # images: float [B, 3, H, W] in [0, 1]
+    >>> fcos = load_torchvision(torchvision.models.detection.fcos_resnet50_fpn(weights=...))
 
 :func:`spec_from_torchvision` reads every setting of a ``torchvision.models.detection.RetinaNet``
 instance (ResNet + FPN backbone, head, anchors, matcher, box coder, box loss, postprocess,
-normalization) into a :class:`fdet.specs.RetinaNet` and raises :class:`UnsupportedModelError`,
-naming the part, for anything fdet cannot express. :func:`state_dict_from_torchvision` renames the
-weights, and :func:`load_torchvision` does both.
+normalization) into a :class:`fdet.specs.RetinaNet`, and of an ``FCOS`` instance (backbone, head,
+points, regression ranges, center sampling, box coder, postprocess, normalization) into a
+:class:`fdet.specs.FCOS`; it raises :class:`UnsupportedModelError`, naming the part, for anything
+fdet cannot express. :func:`state_dict_from_torchvision` renames the weights, and
+:func:`load_torchvision` does both.
+
+torchvision lays a level's anchors (and FCOS's points, the centres of its anchors)
+``padded size // feature size`` apart on each axis, which is ``2**level`` only when the padded
+size is a multiple of the coarsest stride (128 for P7); converted specs say so with
+``placement="image_ratio"`` (``specs.Anchors``, ``specs.Points``), so a converted model gives
+torchvision's detections at any input size. fdet's own specs keep the nominal ``2**level``.
 
 What the spec does not carry: torchvision's ``GeneralizedRCNNTransform`` resizes images
 (``min_size``/``max_size``) and pads them to a multiple of 32; an fdet detector takes the batch as
-it comes, resized and padded by the data pipeline. torchvision also takes an anchor stride as
-``padded size // feature size``, which is ``2**level`` on every level only when the padded size
-is a multiple of 128; fdet always uses ``2**level``. Outputs agree wherever both hold.
+it comes, resized and padded by the data pipeline. Outputs agree when both see the same padded
+batch.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection import _utils as tv_det_utils
+from torchvision.models.detection import fcos as tv_fcos
 from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -33,9 +42,12 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from fdet import specs
-from fdet.models.detectors.retinanet import RetinaNet, build_retinanet
+from fdet.models.detectors.fcos import FCOS
+from fdet.models.detectors.retinanet import RetinaNet
 from fdet.ops.anchors import level_sizes
 from fdet.ops.coding import stds_from_weights
+from fdet.registry import build
+from fdet.specs.fcos import RegressRange
 from fdet.specs.losses import BoxLoss
 
 __all__ = [
@@ -68,13 +80,26 @@ _RENAMES = (
 # torchvision < 0.13 kept each tower as one flat Sequential(conv, relu, conv, relu, ...)
 _FLAT_TOWER = re.compile(r"^(head\.(?:cls|box)_tower\.)(\d+)\.(weight|bias)$")
 
+_FCOS_RENAMES = (
+    ("backbone.body.", "backbone."),
+    ("backbone.fpn.", "neck."),
+    ("head.classification_head.conv.", "head.cls_tower."),
+    ("head.classification_head.cls_logits.", "head.cls_logits."),
+    ("head.regression_head.conv.", "head.box_tower."),
+    ("head.regression_head.bbox_reg.", "head.box_ltrb."),
+    ("head.regression_head.bbox_ctrness.", "head.centerness."),
+)
+# torchvision's FCOS towers are flat Sequential(conv, norm, relu, conv, norm, relu, ...)
+_FCOS_TOWER = re.compile(r"^(head\.(?:cls|box)_tower\.)(\d+)\.(.+)$")
+_FCOS_MARKER = "head.regression_head.bbox_ctrness."
+
 
 class UnsupportedModelError(ValueError):
-    """A torchvision model has a part or a setting that fdet's RetinaNet cannot express."""
+    """A torchvision model has a part or a setting that fdet cannot express."""
 
 
 def _unsupported(where: str, what: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"torchvision RetinaNet: {where}: {what}")
+    return UnsupportedModelError(f"torchvision detector: {where}: {what}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +312,7 @@ def _anchors_spec(generator: Any, levels: tuple[int, ...]) -> specs.Anchors:
                     ratios=ratios[0],
                     truncate_sizes=truncate,
                     round_offsets=True,
+                    placement="image_ratio",
                 )
     raise _unsupported(
         "anchor_generator.sizes",
@@ -319,16 +345,177 @@ def _box_loss_spec(loss_type: str) -> BoxLoss:
     )
 
 
+def _fcos_tower_spec(tower: Any, where: str) -> tuple[int, specs.GroupNorm, bool]:
+    """(num_convs, norm, conv bias) of a torchvision FCOS tower: a flat ``Sequential`` of
+    ``(conv 3×3, norm, ReLU)`` blocks."""
+    layers = list(tower)
+    if len(layers) % 3:
+        raise _unsupported(where, "not a sequence of (conv, norm, ReLU) blocks")
+    settings: set[tuple[specs.GroupNorm, bool]] = set()
+    for i in range(0, len(layers), 3):
+        conv, norm, relu = layers[i : i + 3]
+        if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)):
+            raise _unsupported(f"{where}.{i}", "not a 3×3 conv")
+        if conv.in_channels != conv.out_channels:
+            raise _unsupported(f"{where}.{i}", "a tower conv that changes the channel count")
+        if not isinstance(norm, nn.GroupNorm):
+            raise _unsupported(
+                f"{where}.{i + 1}", f"{type(norm).__name__} (fdet converts group norm here)"
+            )
+        if norm.eps != _FDET_NORM_EPS or not norm.affine:
+            raise _unsupported(f"{where}.{i + 1}", f"group norm with eps {norm.eps} or no affine")
+        if not isinstance(relu, nn.ReLU):
+            raise _unsupported(f"{where}.{i + 2}", f"{type(relu).__name__}, not a ReLU")
+        settings.add((specs.GroupNorm(groups=norm.num_groups), conv.bias is not None))
+    if len(settings) > 1:
+        raise _unsupported(where, f"mixes blocks with different norms or biases: {settings}")
+    if not settings:
+        return 0, specs.GroupNorm(), True
+    norm_spec, bias = settings.pop()
+    return len(layers) // 3, norm_spec, bias
+
+
+def _fcos_head_spec(head: Any, in_channels: int) -> specs.FCOSHead:
+    if not isinstance(head, tv_fcos.FCOSHead):
+        raise _unsupported("head", f"{type(head).__name__} is not an FCOSHead")
+    cls_head, reg_head = head.classification_head, head.regression_head
+    cls_tower = _fcos_tower_spec(cls_head.conv, "head.classification_head.conv")
+    box_tower = _fcos_tower_spec(reg_head.conv, "head.regression_head.conv")
+    if cls_tower != box_tower:
+        raise _unsupported("head", f"towers differ: {cls_tower} and {box_tower}")
+    num_convs, norm, bias = cls_tower
+    if cls_head.num_anchors != 1:
+        raise _unsupported("head.classification_head", f"{cls_head.num_anchors} anchors a point")
+    if num_convs and cls_head.conv[0].in_channels != in_channels:
+        raise _unsupported("head", f"input channels differ from the FPN's {in_channels}")
+    for name, conv, outputs in (
+        ("regression_head.bbox_reg", reg_head.bbox_reg, 4),
+        ("regression_head.bbox_ctrness", reg_head.bbox_ctrness, 1),
+        ("classification_head.cls_logits", cls_head.cls_logits, cls_head.num_classes),
+    ):
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.out_channels == outputs
+            and conv.bias is not None
+        ):
+            raise _unsupported(f"head.{name}", f"not a 3×3 conv with bias to {outputs} channels")
+    return specs.FCOSHead(
+        num_classes=cls_head.num_classes,
+        num_convs=num_convs,
+        channels=in_channels,
+        norm=norm,
+        tower_bias=bias,
+        centerness_on="box",
+        distance_activation="relu",
+        learned_scales=False,
+    )
+
+
+def _fcos_points_and_ranges(
+    generator: Any, levels: tuple[int, ...]
+) -> tuple[specs.Points, tuple[RegressRange, ...]]:
+    """torchvision's FCOS points are the centres of one square anchor a location whose size
+    must be the level's stride; its regression ranges are ``(4·size, 8·size)``, compared
+    strictly, from 0 on the first level and unbounded on the last."""
+    if not isinstance(generator, AnchorGenerator):
+        raise _unsupported("anchor_generator", f"{type(generator).__name__}")
+    strides = tuple(2**lvl for lvl in levels)
+    sizes = tuple(tuple(float(s) for s in level) for level in generator.sizes)
+    ratios = tuple(tuple(float(r) for r in level) for level in generator.aspect_ratios)
+    if sizes != tuple((float(s),) for s in strides) or any(r != (1.0,) for r in ratios):
+        raise _unsupported(
+            "anchor_generator",
+            f"sizes {sizes} and ratios {ratios}; FCOS converts one square anchor a location "
+            f"of the level's stride, sizes {tuple((s,) for s in strides)} and ratio 1.0",
+        )
+    ranges: list[RegressRange] = []
+    for i, size in enumerate(strides):
+        lower = 0.0 if i == 0 else 4.0 * size
+        upper = None if i == len(strides) - 1 else 8.0 * size
+        ranges.append((lower, upper))
+    points = specs.Points(strides=strides, offset=0.0, placement="image_ratio")
+    return points, tuple(ranges)
+
+
+def _distance_coder_spec(model: Any) -> specs.DistanceCoder:
+    coders = (model.box_coder, getattr(model.head, "box_coder", model.box_coder))
+    if not all(isinstance(c, tv_det_utils.BoxLinearCoder) for c in coders):
+        raise _unsupported("box_coder", f"{[type(c).__name__ for c in coders]}")
+    settings = {bool(c.normalize_by_size) for c in coders}
+    if len(settings) != 1:
+        raise _unsupported("box_coder", "the loss and the postprocess code boxes differently")
+    return specs.DistanceCoder(normalize_by_stride=settings.pop())
+
+
+def _backbone_and_neck(
+    model: Any, batch_norm: BatchNormSpec | None
+) -> tuple[specs.ResNet, specs.FPN]:
+    body = getattr(model.backbone, "body", None)
+    fpn = getattr(model.backbone, "fpn", None)
+    if body is None or fpn is None:
+        raise _unsupported("backbone", f"{type(model.backbone).__name__} is not a BackboneWithFPN")
+    backbone, levels = _resnet_spec(body, batch_norm)
+    return backbone, _fpn_spec(fpn, levels, backbone.out_channels)
+
+
+def _normalize_spec(model: Any) -> specs.Normalize:
+    transform = model.transform
+    if not isinstance(transform, GeneralizedRCNNTransform):
+        raise _unsupported("transform", f"{type(transform).__name__}")
+    return specs.Normalize(
+        mean=tuple(transform.image_mean), std=tuple(transform.image_std), input_range=1.0
+    )
+
+
+def _fcos_spec(model: Any, batch_norm: BatchNormSpec | None) -> specs.FCOS:
+    backbone, neck = _backbone_and_neck(model, batch_norm)
+    head = _fcos_head_spec(model.head, neck.channels)
+    points, ranges = _fcos_points_and_ranges(model.anchor_generator, neck.out_levels)
+    radius = float(model.center_sampling_radius)
+    if not radius > 0:
+        raise _unsupported("center_sampling_radius", f"{radius} (no point would be positive)")
+    return specs.FCOS(
+        backbone=backbone,
+        neck=neck,
+        head=head,
+        points=points,
+        assigner=specs.FCOSAssigner(
+            regress_ranges=ranges, closed_ranges=False, center_radius=radius
+        ),
+        coder=_distance_coder_spec(model),
+        cls_loss=specs.SigmoidFocalLoss(alpha=0.25, gamma=2.0),
+        box_loss=specs.GIoULoss(eps=1e-7),
+        centerness_weight=1.0,
+        box_weight_by_centerness=False,
+        postprocess=specs.DensePostprocess(
+            score_threshold=float(model.score_thresh),
+            topk_per_level=int(model.topk_candidates),
+            nms_iou=float(model.nms_thresh),
+            max_detections=int(model.detections_per_img),
+        ),
+        normalize=_normalize_spec(model),
+    )
+
+
 def spec_from_torchvision(
     model: nn.Module, *, batch_norm: BatchNormSpec | None = None
-) -> specs.RetinaNet:
-    """The :class:`fdet.specs.RetinaNet` of a torchvision ``RetinaNet`` instance.
+) -> specs.RetinaNet | specs.FCOS:
+    """The :class:`fdet.specs.RetinaNet` of a torchvision ``RetinaNet`` instance, or the
+    :class:`fdet.specs.FCOS` of a torchvision ``FCOS`` instance.
 
-    Reads the backbone (ResNet depth, width, returned levels, frozen stages from
+    RetinaNet: reads the backbone (ResNet depth, width, returned levels, frozen stages from
     ``requires_grad``, norm), the FPN (channels, extra levels from P5 or C5), the head (classes,
-    convs, group norm or none), the anchor sizes and ratios, the matcher's IoU thresholds, the
-    box coder, the box loss (``giou`` for the v2 recipe), the postprocess thresholds and the
-    normalization (``input_range=1.0``: torchvision takes float images in ``[0, 1]``).
+    convs, group norm or none), the anchor sizes and ratios (placed as torchvision places
+    them), the matcher's IoU thresholds, the box coder, the box loss (``giou`` for the v2
+    recipe), the postprocess thresholds and the normalization (``input_range=1.0``:
+    torchvision takes float images in ``[0, 1]``).
+
+    FCOS: the backbone, FPN and normalization likewise; the head (classes, convs, group norm,
+    conv biases); points at the anchor centres (``offset=0``) placed as torchvision places
+    them; regression ranges ``(4·s, 8·s)`` from the anchor sizes ``s``, which must be the
+    strides; the center-sampling radius; the box coder's ``normalize_by_size``; the
+    postprocess thresholds; focal and GIoU losses as torchvision computes them.
 
     ``batch_norm``: the backbone norm of the spec; by default that of the model
     (``BatchNorm2d`` → ``specs.BatchNorm()``, as in torchvision's untrained models;
@@ -339,9 +526,9 @@ def spec_from_torchvision(
         UnsupportedModelError: naming the part of the model fdet cannot express (e.g. a
             non-ResNet backbone, ``LastLevelMaxPool``, a ``ciou`` loss).
     """
-    if not isinstance(model, tv_retinanet.RetinaNet):
+    if not isinstance(model, tv_retinanet.RetinaNet | tv_fcos.FCOS):
         raise TypeError(
-            f"spec_from_torchvision takes a torchvision.models.detection.RetinaNet, "
+            f"spec_from_torchvision takes a torchvision.models.detection.RetinaNet or FCOS, "
             f"got {type(model).__name__}"
         )
     if batch_norm is not None and not isinstance(batch_norm, BatchNormSpec):
@@ -349,13 +536,9 @@ def spec_from_torchvision(
             f"batch_norm must be specs.BatchNorm(), specs.FrozenBatchNorm() or None, "
             f"got {batch_norm!r}"
         )
-    body = getattr(model.backbone, "body", None)
-    fpn = getattr(model.backbone, "fpn", None)
-    if body is None or fpn is None:
-        raise _unsupported("backbone", f"{type(model.backbone).__name__} is not a BackboneWithFPN")
-    backbone, levels = _resnet_spec(body, batch_norm)
-    in_channels = backbone.out_channels
-    neck = _fpn_spec(fpn, levels, in_channels)
+    if isinstance(model, tv_fcos.FCOS):
+        return _fcos_spec(model, batch_norm)
+    backbone, neck = _backbone_and_neck(model, batch_norm)
     head, per_location = _head_spec(model.head, neck.channels)
     anchors = _anchors_spec(model.anchor_generator, neck.out_levels)
     if anchors.per_location != per_location:
@@ -366,9 +549,6 @@ def spec_from_torchvision(
     matcher = model.proposal_matcher
     if type(matcher) is not tv_det_utils.Matcher:
         raise _unsupported("proposal_matcher", f"{type(matcher).__name__} is not a Matcher")
-    transform = model.transform
-    if not isinstance(transform, GeneralizedRCNNTransform):
-        raise _unsupported("transform", f"{type(transform).__name__}")
     return specs.RetinaNet(
         backbone=backbone,
         neck=neck,
@@ -388,9 +568,7 @@ def spec_from_torchvision(
             nms_iou=float(model.nms_thresh),
             max_detections=int(model.detections_per_img),
         ),
-        normalize=specs.Normalize(
-            mean=tuple(transform.image_mean), std=tuple(transform.image_std), input_range=1.0
-        ),
+        normalize=_normalize_spec(model),
     )
 
 
@@ -399,7 +577,24 @@ def spec_from_torchvision(
 # ---------------------------------------------------------------------------------------------
 
 
-def _rename(key: str) -> str | None:
+def _rename_fcos(key: str) -> str | None:
+    for old, new in _FCOS_RENAMES:
+        if key.startswith(old):
+            key = new + key[len(old) :]
+            tower = _FCOS_TOWER.match(key)
+            if tower is not None:
+                prefix, index, rest = tower.groups()
+                block, layer = divmod(int(index), 3)  # (conv, norm, relu) blocks
+                if layer == 2:
+                    return None  # a ReLU has no state: not a known key
+                key = f"{prefix}{block}.{layer}.{rest}"
+            return key
+    return None
+
+
+def _rename(key: str, *, fcos: bool = False) -> str | None:
+    if fcos:
+        return _rename_fcos(key)
     for old, new in _RENAMES:
         if key.startswith(old):
             key = new + key[len(old) :]
@@ -411,23 +606,36 @@ def _rename(key: str) -> str | None:
     return None
 
 
+def _is_fcos(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(key.startswith(_FCOS_MARKER) for key in state_dict)
+
+
 def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A torchvision RetinaNet state dict with fdet's parameter names.
+    """A torchvision RetinaNet or FCOS state dict with fdet's parameter names (FCOS is told
+    apart by its centerness predictor, ``head.regression_head.bbox_ctrness``).
 
     ResNet and FPN names are torchvision's already (``backbone.body.*`` → ``backbone.*``,
     ``backbone.fpn.*`` → ``neck.*``); the head's are renamed:
-    ``head.classification_head.conv.*`` → ``head.cls_tower.*``, ``….cls_logits`` →
-    ``head.cls_logits``, ``head.regression_head.conv.*`` → ``head.box_tower.*``, ``….bbox_reg``
-    → ``head.box_deltas``. Towers saved by old torchvision versions (one flat ``Sequential``)
-    are mapped too. Tensors are shared, not copied.
+
+    - RetinaNet: ``head.classification_head.conv.*`` → ``head.cls_tower.*``, ``….cls_logits``
+      → ``head.cls_logits``, ``head.regression_head.conv.*`` → ``head.box_tower.*``,
+      ``….bbox_reg`` → ``head.box_deltas``. Towers saved by old torchvision versions (one flat
+      ``Sequential``) are mapped too.
+    - FCOS: the flat towers ``….conv.{3i}`` (conv) and ``….conv.{3i+1}`` (group norm) →
+      ``head.cls_tower.{i}.0`` / ``.1`` and ``head.box_tower.{i}.0`` / ``.1``, ``….cls_logits``
+      → ``head.cls_logits``, ``….bbox_reg`` → ``head.box_ltrb``, ``….bbox_ctrness`` →
+      ``head.centerness``.
+
+    Tensors are shared, not copied.
 
     Raises:
         KeyError: for keys that belong to no part fdet knows (nothing is dropped).
     """
+    fcos = _is_fcos(state_dict)
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        new = _rename(key)
+        new = _rename(key, fcos=fcos)
         if new is None:
             unknown.append(key)
         else:
@@ -437,9 +645,12 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
     return out
 
 
-def load_torchvision(model: nn.Module, *, batch_norm: BatchNormSpec | None = None) -> RetinaNet:
-    """An fdet :class:`~fdet.models.RetinaNet` equal to the torchvision RetinaNet ``model``:
-    its spec (:func:`spec_from_torchvision`), its weights, its device, dtype and train/eval mode.
+def load_torchvision(
+    model: nn.Module, *, batch_norm: BatchNormSpec | None = None
+) -> RetinaNet | FCOS:
+    """An fdet :class:`~fdet.models.RetinaNet` or :class:`~fdet.models.FCOS` equal to the
+    torchvision RetinaNet or FCOS ``model``: its spec (:func:`spec_from_torchvision`), its
+    weights, its device, dtype and train/eval mode.
 
     fdet's batch norms use ``eps=1e-5``. A torchvision norm with another eps (its COCO v1 weights
     set ``eps=0``) has its ``running_var`` shifted by the difference, so that
@@ -447,12 +658,15 @@ def load_torchvision(model: nn.Module, *, batch_norm: BatchNormSpec | None = Non
     """
     spec = spec_from_torchvision(model, batch_norm=batch_norm)
     state = dict(state_dict_from_torchvision(model.state_dict()))
+    fcos = isinstance(spec, specs.FCOS)
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d) and module.eps != _FDET_NORM_EPS:
-            key = _rename(f"{name}.running_var")
+            key = _rename(f"{name}.running_var", fcos=fcos)
             if key is not None:
                 state[key] = state[key] + (module.eps - _FDET_NORM_EPS)
-    detector = build_retinanet(spec)
+    detector = build(spec)
+    if not isinstance(detector, RetinaNet | FCOS):
+        raise TypeError(f"{type(spec).__name__} built a {type(detector).__name__}")
     detector.load_state_dict(state, strict=True)
     reference = next(iter(model.parameters()), None)
     if reference is not None:

@@ -22,6 +22,7 @@ __all__ = [
     "anchor_offsets",
     "grid_anchors",
     "grid_points",
+    "image_strides",
     "level_counts",
     "level_index",
     "level_sizes",
@@ -68,6 +69,26 @@ def anchor_offsets(
     hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)  # [R*S]
     offsets = torch.stack((-ws, -hs, ws, hs), dim=1) / 2  # [R*S, 4]
     return offsets.round() if round_to_int else offsets
+
+
+def image_strides(
+    image_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Strides ``(stride_y, stride_x)`` of each level taken from the padded input size, as
+    torchvision's ``AnchorGenerator`` takes them: ``(H // H_l, W // W_l)``, per axis.
+
+    A level's nominal stride ``2**level`` is what these are only when the padded size is a
+    multiple of the coarsest stride: at 288 × 288 the levels of ResNet + FPN P3–P7 have 36, 18,
+    9, 5 and 3 locations a side, so the strides are 8, 16, 32, 57 and 96 (not 64 and 128); at
+    800 × 1216, P7 (7 × 10) gets ``(114, 121)``. Python ints in, Python ints out: no tensor, no
+    host sync, so the grids stay static under ``torch.compile``.
+
+    Args:
+        image_size: ``(H, W)``, the padded size of the batch the feature maps were computed from.
+        feature_sizes: ``(H_l, W_l)`` of each level.
+    """
+    height, width = image_size
+    return [(height // h, width // w) for h, w in feature_sizes]
 
 
 def _stride_hw(stride: Stride) -> tuple[float, float]:

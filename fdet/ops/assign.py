@@ -6,6 +6,7 @@ An assignment labels every anchor of every image POSITIVE (regress towards and c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -13,12 +14,14 @@ from jaxtyping import Bool, Float, Int, Int8
 from torch import Tensor
 
 from fdet.ops.boxes import box_ioa, box_iou
+from fdet.ops.coding import encode_distances
 
 __all__ = [
     "IGNORE",
     "NEGATIVE",
     "POSITIVE",
     "Assignment",
+    "assign_atss",
     "assign_max_iou",
     "crowd_covered",
     "ignore_crowd_covered",
@@ -193,3 +196,153 @@ def ignore_crowd_covered(
     ignore = covered & (assignment.label != POSITIVE)
     label = torch.where(ignore, IGNORE, assignment.label).to(torch.int8)
     return assignment._replace(label=label)
+
+
+# How far below the float64 threshold an IoU may fall and still reach it: far above the rounding
+# of the statistics (~1e-16), far below the spacing of float32 IoUs (~6e-8).
+_THRESHOLD_SLACK = 1e-12
+
+
+def _nearest_per_level(
+    distance: Float[Tensor, "B M A"], num_per_level: Sequence[int], k: int
+) -> Bool[Tensor, "B M A"]:
+    """For each row (one gt) and each level, the ``min(k, A_l)`` anchors nearest to it.
+
+    Ties at the k-th distance go to the lowest anchor index, so the choice never depends on how
+    ``topk`` orders equal values (anchors of one location share a centre, and a gt centre at a
+    cell corner is equally far from four of them): anchors strictly nearer than the k-th
+    distance are taken, then the first of those at exactly that distance fill the remaining
+    places.
+    """
+    parts = []
+    start = 0
+    for count in num_per_level:  # a loop over pyramid levels
+        level = distance[..., start : start + count]  # [B, M, A_l]
+        start += count
+        if count == 0:
+            parts.append(torch.zeros_like(level, dtype=torch.bool))
+            continue
+        take = min(k, count)
+        kth = level.topk(take, dim=-1, largest=False).values[..., take - 1 :]  # [B, M, 1]
+        nearer = level < kth  # [B, M, A_l]
+        tied = level == kth  # [B, M, A_l]
+        room = take - nearer.sum(dim=-1, keepdim=True)  # [B, M, 1] places left for ties
+        parts.append(nearer | (tied & (tied.cumsum(dim=-1) <= room)))
+    return torch.cat(parts, dim=-1)  # [B, M, A]
+
+
+def assign_atss(
+    anchors: Float[Tensor, "A 4"],
+    num_per_level: Sequence[int],
+    gt_boxes: Float[Tensor, "B M 4"],
+    gt_valid: Bool[Tensor, "B M"],
+    gt_crowd: Bool[Tensor, "B M"] | None = None,
+    *,
+    topk: int,
+    unbiased_std: bool = True,
+    inside_eps: float = 0.01,
+    crowd_ioa: float = 0.5,
+) -> Assignment:
+    """Adaptive Training Sample Selection (ATSS; Zhang et al., "Bridging the Gap Between
+    Anchor-based and Anchor-free Detection", CVPR 2020, Algorithm 1).
+
+    For every valid gt ``g`` (batched over images and gts, no loop but over levels):
+
+    1. Candidates ``C_g``: on each pyramid level ``l`` the ``k`` anchors whose centres are
+       nearest to the centre of ``g`` (L2), all ``A_l`` of them if the level has fewer; ties at
+       the k-th distance go to the lowest anchor index. ``|C_g| = n = Σ_l min(k, A_l)``.
+    2. Threshold ``t_g = m_g + v_g``, with ``m_g`` the mean and ``v_g`` the standard deviation
+       of the IoUs ``D_g = {IoU(c, g) : c ∈ C_g}``. ``unbiased_std`` (the default) divides the
+       squared deviations by ``n - 1`` (Bessel's correction), as ``torch.std`` does by default
+       and so as the authors' code and MMDetection do; False divides by ``n``. With ``n = 1``
+       the deviation is 0. The statistics and the comparison are computed in float64 from the
+       float32 IoUs, and an IoU within ``1e-12`` below ``t_g`` counts as reaching it, so that
+       rounding never decides a tie that is exact in real arithmetic: when all of ``D_g`` is
+       equal every candidate reaches ``t_g`` (in float32 the mean of three equal IoUs can land
+       above them), and with the population deviation two candidates give ``t_g = max(D_g)``.
+    3. Positives of ``g``: ``P_g = {c ∈ C_g : IoU(c, g) >= t_g and the centre of c lies inside
+       g}``, "inside" meaning more than ``inside_eps`` pixels from every side (0.01, as the
+       reference implementations).
+    4. An anchor in several ``P_g`` goes to the gt it overlaps most (the lowest slot on ties).
+
+    Nothing guarantees a gt a positive: ``max(D_g) < m_g + v_g`` happens when most candidates
+    share the top IoU and a few lag far behind (IoUs ``1, 1, 0``: ``t_g = 2/3 + 0.577``, or
+    ``2/3 + 0.471`` with ``n`` in the denominator), and a gt whose centre is near no anchor
+    centre or whose positives all go to a better-overlapping gt gets none either. There is no
+    fallback (as in the paper and its reference implementations).
+
+    Labels: POSITIVE (``gt_index`` the chosen gt, ``iou`` its IoU), NEGATIVE for every other
+    anchor (ATSS ignores nothing), except IGNORE for anchors more than ``crowd_ioa`` inside a
+    crowd region that are not POSITIVE (:func:`ignore_crowd_covered`). Crowd gts are never
+    matched; padded slots (``gt_valid`` False; their boxes may hold anything, even NaN) play no
+    part. For non-positive anchors ``gt_index`` is the valid gt they overlap most (0 in an image
+    without valid gts) and ``iou`` that IoU, as :func:`assign_max_iou` reports them.
+
+    Args:
+        anchors: ``[A, 4]`` shared by the batch, levels concatenated.
+        num_per_level: ``A_l`` of each level (Python ints), ``Σ A_l = A``.
+        gt_boxes: ``[B, M, 4]`` padded gt boxes.
+        gt_valid: ``[B, M]`` True for real gts (crowd ones included).
+        gt_crowd: ``[B, M]`` True for crowd regions, or None.
+        topk: ``k``, candidates a level (9 in the paper).
+
+    Returns:
+        An :class:`Assignment` of ``[B, A]`` tensors.
+
+    Static shapes, no host syncs: safe under ``torch.compile(fullgraph=True)``. Not
+    differentiable (inputs are detached). Memory: a few ``[B, M, A]`` tensors, like
+    :func:`assign_max_iou`.
+    """
+    num_per_level = [int(n) for n in num_per_level]
+    if sum(num_per_level) != anchors.shape[0]:
+        raise ValueError(
+            f"assign_atss: num_per_level {num_per_level} adds up to {sum(num_per_level)}, "
+            f"but there are {anchors.shape[0]} anchors"
+        )
+    if topk < 1:
+        raise ValueError(f"assign_atss: topk must be >= 1, got {topk}")
+    batch, num_gt = gt_valid.shape
+    if num_gt == 0:  # static: give the batch one padded slot, so that every image is empty
+        gt_boxes = gt_boxes.new_zeros(batch, 1, 4)
+        gt_valid = gt_valid.new_zeros(batch, 1)
+        gt_crowd = None
+    crowd = None if gt_crowd is None else gt_crowd & gt_valid  # [B, M]
+    usable = gt_valid if crowd is None else gt_valid & ~crowd  # [B, M] real, matchable gts
+
+    anchors = anchors.detach().float()
+    # padded slots become all-zero boxes, so that no NaN enters any row
+    gt = torch.where(gt_valid[..., None], gt_boxes.detach().float(), 0.0)  # [B, M, 4]
+    centres = (anchors[:, :2] + anchors[:, 2:]) * 0.5  # [A, 2]
+    gt_centres = (gt[..., :2] + gt[..., 2:]) * 0.5  # [B, M, 2]
+
+    # 1. candidates: the k nearest anchor centres of each level
+    dx = gt_centres[..., 0:1] - centres[:, 0]  # [B, M, A]
+    dy = gt_centres[..., 1:2] - centres[:, 1]  # [B, M, A]
+    candidate = _nearest_per_level(dx * dx + dy * dy, num_per_level, topk)  # [B, M, A]
+    n = sum(min(topk, count) for count in num_per_level)
+
+    # 2. the IoU threshold of each gt: mean + std of its candidates' IoUs (float64)
+    iou = box_iou(gt, anchors)  # [B, M, A]
+    iou64 = iou.double()
+    mean = torch.where(candidate, iou64, 0.0).sum(dim=-1, keepdim=True) / max(n, 1)  # [B, M, 1]
+    squares = torch.where(candidate, (iou64 - mean).square(), 0.0).sum(dim=-1, keepdim=True)
+    dof = n - 1 if unbiased_std and n > 1 else n
+    threshold = mean + (squares / max(dof, 1)).sqrt()  # [B, M, 1]
+
+    # 3. positives of each gt: candidates over the threshold whose centre lies inside it
+    inside = encode_distances(centres, gt[:, :, None, :]).amin(dim=-1) > inside_eps  # [B, M, A]
+    reaches = iou64 >= threshold - _THRESHOLD_SLACK  # [B, M, A]
+    positive_for = candidate & reaches & inside & usable[..., None]  # [B, M, A]
+
+    # 4. an anchor positive for several gts takes the one it overlaps most
+    best_pos, pos_index = iou.masked_fill(~positive_for, -1.0).max(dim=1)  # [B, A]
+    best_any, any_index = iou.masked_fill(~usable[..., None], -1.0).max(dim=1)  # [B, A]
+    positive = positive_for.any(dim=1)  # [B, A]
+    assignment = Assignment(
+        gt_index=torch.where(positive, pos_index, any_index),
+        label=torch.where(positive, POSITIVE, NEGATIVE).to(torch.int8),
+        iou=torch.where(positive, best_pos, best_any.clamp(min=0.0)),
+    )
+    if crowd is None:
+        return assignment
+    return ignore_crowd_covered(assignment, anchors, gt, crowd, crowd_ioa=crowd_ioa)

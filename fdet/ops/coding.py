@@ -29,6 +29,7 @@ __all__ = [
     "centerness",
     "decode_deltas",
     "decode_distances",
+    "distribution_to_distances",
     "encode_deltas",
     "encode_distances",
     "stds_from_weights",
@@ -223,3 +224,37 @@ def centerness(ltrb: Float[Tensor, "... 4"]) -> Float[Tensor, " *batch"]:
     ratio_x = lr.amin(-1) / lr.amax(-1).clamp(min=torch.finfo(d.dtype).tiny)
     ratio_y = tb.amin(-1) / tb.amax(-1).clamp(min=torch.finfo(d.dtype).tiny)
     return (ratio_x * ratio_y).sqrt()
+
+
+def distribution_to_distances(
+    logits: Float[Tensor, "*batch N"], *, reg_max: int
+) -> Float[Tensor, " *batch"]:
+    """The expected value of a discretised distance (GFL's integral decoding).
+
+    Generalized Focal Loss (Li et al., NeurIPS 2020) represents a distance ``y`` in
+    ``[0, reg_max]`` (in stride units) by a distribution over the ``N = reg_max + 1`` bins
+    ``y_i = i``; the prediction is its mean::
+
+        ŷ = Σ_{i=0}^{reg_max} P(y_i) · y_i,    P = softmax(logits)
+
+    It inverts the discretisation of :func:`fdet.ops.losses.distribution_focal_loss` in
+    expectation: the distribution with mass ``y_{i+1} - y`` on ``y_i`` and ``y - y_i`` on
+    ``y_{i+1}`` integrates to exactly ``y``.
+
+    Args:
+        logits: ``[..., reg_max + 1]`` unnormalised log-probabilities of the bins (e.g.
+            ``[B, A, 4, reg_max + 1]``, one distribution per box side).
+        reg_max: the last bin; ``logits.shape[-1]`` must be ``reg_max + 1``.
+
+    Returns:
+        ``[...]`` distances in ``[0, reg_max]``, float32 (float64 for float64 logits), also under
+        autocast.
+    """
+    if logits.shape[-1] != reg_max + 1:
+        raise ValueError(
+            f"distribution_to_distances: the last dim ({logits.shape[-1]}) must be "
+            f"reg_max + 1 = {reg_max + 1}"
+        )
+    probs = torch.softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [..., N]
+    bins = torch.arange(reg_max + 1, dtype=probs.dtype, device=probs.device)  # [N]
+    return (probs * bins).sum(dim=-1)

@@ -22,11 +22,14 @@ from torch import Tensor
 from fdet.ops.boxes import aligned_generalized_box_iou
 
 __all__ = [
+    "distribution_focal_loss",
     "giou_loss",
     "l1_loss",
     "masked_mean",
     "masked_sum",
     "normalize",
+    "quality_focal_loss",
+    "quality_focal_loss_labels",
     "sigmoid_focal_loss",
     "sigmoid_focal_loss_labels",
     "smooth_l1_loss",
@@ -461,3 +464,125 @@ def masked_mean(
         selected = mask.expand(torch.broadcast_shapes(mask.shape, values.shape))
         normalizer = selected.sum() if dim is None else selected.sum(dim=dim)
     return normalize(total, normalizer, min_count=min_count)
+
+
+def quality_focal_loss(
+    logits: Float[Tensor, "*shape"],
+    targets: Float[Tensor, "*shape"],
+    *,
+    beta: float = 2.0,
+) -> Float[Tensor, "*shape"]:
+    """Quality focal loss (Generalized Focal Loss, Li et al., NeurIPS 2020), unreduced::
+
+        QFL(σ) = -|y - σ|^β · ((1 - y) log(1 - σ) + y log σ),    σ = sigmoid(logits)
+
+    i.e. binary cross-entropy against a soft target ``y`` in ``[0, 1]`` (GFL: the IoU of a
+    positive's predicted box with its gt, 0 for negatives), modulated by the distance of the
+    prediction from the target. At ``y = 1`` it is ``-(1 - σ)^β log σ`` and at ``y = 0``
+    ``-σ^β log(1 - σ)``: the focal loss with ``gamma = β`` and no ``alpha`` balancing.
+
+    Args:
+        logits: raw scores, any shape.
+        targets: soft targets in ``[0, 1]``, broadcastable against ``logits`` (a scalar 0 gives
+            the loss of all-negative targets without a full-size target tensor).
+        beta: modulating exponent, ``>= 0`` (2 in the paper); ``beta = 0`` is plain BCE.
+
+    Returns:
+        The broadcast shape, float32 (float64 for float64 logits), also under autocast.
+        Gradients flow to ``logits`` through the BCE and the modulating factor (not detached,
+        as in the paper's code), and to ``targets`` if they require them (detach IoU targets).
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    logits = _at_least_float32(logits)
+    logits, targets = torch.broadcast_tensors(logits, targets.to(logits.dtype))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if beta == 0:
+        return bce
+    distance = (targets - torch.sigmoid(logits)).abs()  # |y - σ|
+    # as in the focal loss: no gradient through the power below `tiny`, where it would be
+    # infinite for beta < 1
+    return bce * distance.clamp(min=torch.finfo(logits.dtype).tiny).pow(beta)
+
+
+def quality_focal_loss_labels(
+    logits: Float[Tensor, "*batch K"],
+    labels: Int[Tensor, "*batch"],
+    scores: Float[Tensor, "*batch"],
+    positive: Bool[Tensor, "*batch"],
+    *,
+    valid: Bool[Tensor, "*batch"] | None = None,
+    beta: float = 2.0,
+) -> Float[Tensor, "*batch K"]:
+    """:func:`quality_focal_loss` of the targets ``scores[i] · one_hot(labels[i], K)`` on the
+    ``positive`` rows and all zeros on the others, without building the target tensor.
+
+    Every element is first computed as a negative (``y = 0``); the positives' own class (one
+    element a row) is recomputed with ``y = scores`` on a ``[..., 1]`` gather and scattered
+    back. Rows outside ``valid`` get loss exactly 0 and no gradient.
+
+    Args:
+        logits: ``[..., K]`` raw scores.
+        labels: ``[...]`` classes in ``[0, K)`` where ``positive``; any value elsewhere.
+        scores: ``[...]`` soft targets in ``[0, 1]`` where ``positive`` (finite); any value
+            elsewhere.
+        positive: ``[...]`` rows whose target is ``scores · one_hot(labels)``.
+        valid: ``[...]`` optional, False for rows to leave out (e.g. ignored anchors).
+        beta: as in :func:`quality_focal_loss`.
+
+    Returns:
+        ``[..., K]``, float32 (float64 for float64 logits), also under autocast.
+    """
+    logits = _at_least_float32(logits)
+    rows = logits.shape[:-1]
+    positive = positive.expand(rows)
+    index = torch.where(positive, labels.expand(rows), 0).long()[..., None]  # [..., 1]
+    target = torch.where(positive, scores.expand(rows).to(logits.dtype), 0.0)[..., None]
+    negative = quality_focal_loss(logits, logits.new_zeros(()), beta=beta)  # [..., K], y = 0
+    own = quality_focal_loss(logits.gather(-1, index), target, beta=beta)  # [..., 1]
+    own = torch.where(positive[..., None], own, negative.gather(-1, index))
+    loss = negative.scatter(-1, index, own)  # [..., K]
+    if valid is None:
+        return loss
+    return torch.where(valid.expand(rows)[..., None], loss, torch.zeros_like(loss))
+
+
+def distribution_focal_loss(
+    logits: Float[Tensor, "*batch N"], targets: Float[Tensor, "*batch"]
+) -> Float[Tensor, "*batch"]:
+    """Distribution focal loss (Generalized Focal Loss, Li et al., NeurIPS 2020),
+    unreduced: one value per distribution.
+
+    A distance ``y`` (in stride units) between the bins ``y_i = i = floor(y)`` and
+    ``y_{i+1} = i + 1`` is taught to the softmax ``S = softmax(logits)`` over the
+    ``N = reg_max + 1`` bins as::
+
+        DFL(S_i, S_{i+1}) = -((y_{i+1} - y) log S_i + (y - y_i) log S_{i+1})
+
+    the cross-entropy against the two-bin distribution whose mean is ``y``
+    (:func:`fdet.ops.coding.distribution_to_distances` integrates it back to ``y`` exactly).
+    It is smallest, with zero gradient, when ``S`` is that distribution. ``y = reg_max`` (the
+    last bin) is allowed: it puts all the weight on the last bin. GFL clamps targets into
+    ``[0, reg_max - eps]`` (:func:`fdet.ops.coding.encode_distances` with ``max_distance``).
+
+    Args:
+        logits: ``[..., N]`` unnormalised log-probabilities of the bins, ``N >= 2``.
+        targets: ``[...]`` distances in ``[0, N - 1]``; must be finite (use stand-ins where the
+            loss is masked out: the bin index of a NaN is taken as 0, never out of range).
+
+    Returns:
+        ``[...]``, float32 (float64 for float64 logits), also under autocast.
+    """
+    bins = logits.shape[-1]
+    if bins < 2:
+        raise ValueError(f"distribution_focal_loss needs at least 2 bins, got {bins}")
+    logits = _at_least_float32(logits)
+    y = targets.to(logits.dtype)
+    left = torch.nan_to_num(y.floor(), nan=0.0).clamp(0, bins - 2)  # [...] i = floor(y)
+    weight_left = left + 1 - y  # y_{i+1} - y
+    weight_right = y - left  # y - y_i
+    index = left.long()[..., None]  # [..., 1]
+    log_probs = torch.log_softmax(logits, dim=-1)  # [..., N]
+    log_left = log_probs.gather(-1, index).squeeze(-1)  # log S_i
+    log_right = log_probs.gather(-1, index + 1).squeeze(-1)  # log S_{i+1}
+    return -(weight_left * log_left + weight_right * log_right)

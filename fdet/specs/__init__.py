@@ -9,10 +9,21 @@ works in spec files, JSON and ``--set`` overrides like fdet's own (docs/specs.md
 """
 
 from fdet.specs._core import Spec, SpecError, concrete_subclasses, spec_types
+from fdet.specs.atss import ATSS, ATSSAssigner, ATSSHead
 from fdet.specs.backbones import ResNet
+from fdet.specs.centernet import (
+    CenterNet,
+    CenterNetHead,
+    CenterNetNeck,
+    CenterNetPostprocess,
+    GaussianRadius,
+    HeatmapFocalLoss,
+)
 from fdet.specs.data import CocoData, ShapesData, Transforms
 from fdet.specs.dense import Anchors, DeltaXYWHCoder, DensePostprocess, MaxIoUAssigner, Normalize
 from fdet.specs.detectors import Detector, RetinaNet, check_pyramid, check_strides
+from fdet.specs.fcos import FCOS, DistanceCoder, FCOSAssigner, FCOSHead, Points
+from fdet.specs.gfl import GFL, DistributionFocalLoss, GFLHead, QualityFocalLoss
 from fdet.specs.heads import RetinaHead
 from fdet.specs.loading import load, load_module
 from fdet.specs.losses import (
@@ -41,14 +52,23 @@ from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, 
 from fdet.specs.train import EMA, SGD, AdamW, Experiment, Optimizer, ParamGroups
 
 __all__ = [
+    "ATSS",
     "EMA",
+    "FCOS",
     "FPN",
+    "GFL",
     "SCHEMA_VERSION",
     "SGD",
+    "ATSSAssigner",
+    "ATSSHead",
     "AdamW",
     "Anchors",
     "BatchNorm",
     "BoxLoss",
+    "CenterNet",
+    "CenterNetHead",
+    "CenterNetNeck",
+    "CenterNetPostprocess",
     "ClassificationLoss",
     "CocoData",
     "ConstantDecay",
@@ -58,10 +78,17 @@ __all__ = [
     "DeltaXYWHCoder",
     "DensePostprocess",
     "Detector",
+    "DistanceCoder",
+    "DistributionFocalLoss",
     "Experiment",
+    "FCOSAssigner",
+    "FCOSHead",
     "FrozenBatchNorm",
+    "GFLHead",
     "GIoULoss",
+    "GaussianRadius",
     "GroupNorm",
+    "HeatmapFocalLoss",
     "L1Loss",
     "LinearWarmup",
     "MaxIoUAssigner",
@@ -69,7 +96,9 @@ __all__ = [
     "Normalize",
     "Optimizer",
     "ParamGroups",
+    "Points",
     "PolyDecay",
+    "QualityFocalLoss",
     "ResNet",
     "RetinaHead",
     "RetinaNet",

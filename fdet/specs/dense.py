@@ -1,5 +1,7 @@
 """Specs of the dense-prediction pieces: anchors, assigners, box coders, postprocessing."""
 
+from typing import Literal
+
 import attrs
 
 from fdet.constants import DEFAULT_SCALE_CLIP
@@ -13,9 +15,15 @@ from fdet.specs._core import (
     length,
     non_empty,
     non_negative,
+    one_of,
     positive,
     probability,
 )
+
+Placement = Literal["nominal", "image_ratio"]
+"""Where the locations of a pyramid level sit (:attr:`Anchors.placement`)."""
+
+PLACEMENTS: tuple[Placement, ...] = ("nominal", "image_ratio")
 
 
 @attrs.frozen(kw_only=True)
@@ -27,6 +35,13 @@ class Anchors(Spec):
     anchor of size ``z`` and ratio ``r`` has area ``z²``. ``truncate_sizes`` rounds sizes down
     to integers and ``round_offsets`` rounds corner offsets, as torchvision's RetinaNet does
     (the defaults), so that its weights work unchanged.
+
+    ``placement``: how far apart the anchors of a level are laid. ``"nominal"`` (the default):
+    ``strides[i]`` on both axes. ``"image_ratio"``: per axis, the padded input size over the
+    level's feature size, ``(H // H_i, W // W_i)``, as torchvision's ``AnchorGenerator`` does;
+    the two agree when the padded size is a multiple of the coarsest stride and differ otherwise
+    (57 instead of 64 on P6 at 288 pixels). Models converted from torchvision use it, so that
+    they reproduce its detections at any input size. Anchor sizes never change.
     """
 
     strides: tuple[int, ...] = attrs.field(
@@ -47,6 +62,7 @@ class Anchors(Spec):
     )
     truncate_sizes: bool = True
     round_offsets: bool = True
+    placement: Placement = attrs.field(default="nominal", validator=one_of(*PLACEMENTS))
 
     def __attrs_post_init__(self) -> None:
         if len(self.base_sizes) != len(self.strides):
@@ -128,9 +144,11 @@ class Normalize(Spec):
 
 
 __all__ = [
+    "PLACEMENTS",
     "Anchors",
     "DeltaXYWHCoder",
     "DensePostprocess",
     "MaxIoUAssigner",
     "Normalize",
+    "Placement",
 ]

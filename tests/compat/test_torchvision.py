@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +40,9 @@ from fdet.models.detectors.retinanet import retinanet_anchors, retinanet_loss
 from fdet.models.heads.retina import RetinaHeadOutputs
 
 S = 256  # a multiple of 128: no padding, and torchvision's strides are 2**level on every level
+# sizes whose coarse levels torchvision lays out with strides other than 2**level (P6 57 and P7
+# 96 at 288²; P6 (64, 60) and P7 (106, 120) at 320 × 480): converted models follow it
+OFF_GRID = [(288, 288), (320, 480)]
 K = 5
 ZOO = Path(__file__).resolve().parents[2] / "specs/retinanet"
 CTORS = {"v1": retinanet_resnet50_fpn, "v2": retinanet_resnet50_fpn_v2}
@@ -122,22 +127,102 @@ def test_detections_match_torchvision(pairs, version) -> None:
     tv, det, images, _ = pairs[version]
     with torch.no_grad():
         reference = tv(list(images))
-    ours = det.predict(images)
+    worst = assert_same_detections(det.predict(images), reference)
+    print(f"{version} detections: max |Δbox| {worst[0]:.2e}, max |Δscore| {worst[1]:.2e}")
+
+
+@contextmanager
+def input_size(tv: nn.Module, size: tuple[int, int]) -> Iterator[None]:
+    """torchvision's transform set to take ``size`` images as they are (no resize)."""
+    transform = tv.transform
+    saved = transform.min_size, transform.max_size
+    transform.min_size, transform.max_size = (min(size),), max(size)
+    try:
+        yield
+    finally:
+        transform.min_size, transform.max_size = saved
+
+
+@contextmanager
+def low_threshold(tv: nn.Module, det: nn.Module, threshold: float) -> Iterator[None]:
+    """Both models keep every detection scoring above ``threshold`` (up to 5000 an image), so
+    that boxes of every level, P6 and P7 too, are among them."""
+    saved = tv.score_thresh, tv.detections_per_img, det.postprocess_spec
+    tv.score_thresh, tv.detections_per_img = threshold, 5000
+    det.postprocess_spec = attrs.evolve(
+        det.postprocess_spec, score_threshold=threshold, max_detections=5000
+    )
+    try:
+        yield
+    finally:
+        tv.score_thresh, tv.detections_per_img, det.postprocess_spec = saved
+
+
+def assert_same_detections(ours, reference, *, minimum: int = 100) -> tuple[float, float]:
+    """Every image has torchvision's detections (more than ``minimum``); the largest box and
+    score differences."""
     worst = [0.0, 0.0]
     for b, ref in enumerate(reference):
         count = int(ours.valid[b].sum())
-        assert count == len(ref["scores"]) > 100  # non-trivial: many detections
+        assert count == len(ref["scores"]) > minimum  # non-trivial: many detections
         assert ours.valid[b, :count].all()
         diffs = match_detections(
             ours.boxes[b, :count], ours.scores[b, :count], ours.labels[b, :count], ref
         )
         worst = [max(w, d) for w, d in zip(worst, diffs)]
-    print(f"{version} detections: max |Δbox| {worst[0]:.2e}, max |Δscore| {worst[1]:.2e}")
+    return worst[0], worst[1]
 
 
-def tv_anchors(tv: TVRetinaNet, outputs: RetinaHeadOutputs, batch: int) -> list[torch.Tensor]:
-    """torchvision's anchors for maps of the outputs' sizes on S×S images."""
-    images = ImageList(torch.zeros(batch, 3, S, S), [(S, S)] * batch)
+@pytest.mark.parametrize("size", OFF_GRID, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_detections_match_torchvision_off_the_nominal_grid(pairs, version, size) -> None:
+    """At sizes that are not multiples of 128 a converted model lays its anchors as
+    torchvision does and gives its detections; with fdet's nominal strides it would not."""
+    tv, det, _, _ = pairs[version]
+    assert det.anchor_spec.placement == "image_ratio"
+    images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+    with input_size(tv, size), torch.no_grad():
+        reference = tv(list(images))
+    worst = assert_same_detections(det.predict(images), reference)
+    print(f"{version} {size} detections: max |Δbox| {worst[0]:.2e}, max |Δscore| {worst[1]:.2e}")
+    # at a low threshold P6 and P7 boxes are among the detections: still torchvision's, and not
+    # with fdet's nominal placement
+    with low_threshold(tv, det, 0.01), input_size(tv, size), torch.no_grad():
+        reference = tv(list(images))
+        assert_same_detections(det.predict(images), reference, minimum=500)
+        nominal = attrs.evolve(det.anchor_spec, placement="nominal")
+        saved, det.anchor_spec = det.anchor_spec, nominal
+        try:
+            with pytest.raises(AssertionError):
+                assert_same_detections(det.predict(images), reference)
+        finally:
+            det.anchor_spec = saved
+
+
+@pytest.mark.parametrize(
+    "size", [(S, S), *OFF_GRID, (800, 1216), (1344, 800)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+def test_anchors_match_torchvision_at_any_size(pairs, size) -> None:
+    """The anchors of a converted model on the feature sizes of ResNet + FPN at ``size``
+    (two COCO sizes among them: P7 is 114 pixels apart at 800) are torchvision's."""
+    tv, det, _, _ = pairs["v1"]
+    height, width = size
+    sizes = []
+    for level in range(1, 8):
+        height, width = (height + 1) // 2, (width + 1) // 2
+        if level >= 3:
+            sizes.append((height, width))
+    images = ImageList(torch.zeros(1, 3, *size), [size])
+    theirs = tv.anchor_generator(images, [torch.zeros(1, 1, h, w) for h, w in sizes])[0]
+    ours = retinanet_anchors(sizes, spec=det.anchor_spec, image_size=size)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def tv_anchors(
+    tv: TVRetinaNet, outputs: RetinaHeadOutputs, batch: int, size: tuple[int, int] = (S, S)
+) -> list[torch.Tensor]:
+    """torchvision's anchors for maps of the outputs' sizes on images of ``size``."""
+    images = ImageList(torch.zeros(batch, 3, *size), [size] * batch)
     features = [torch.zeros(batch, 1, h, w) for h, w in outputs.feature_sizes]
     return tv.anchor_generator(images, features)
 
@@ -166,6 +251,7 @@ def slice_outputs(outputs: RetinaHeadOutputs, index: slice) -> RetinaHeadOutputs
         tuple(x[index] for x in outputs.cls_logits),
         tuple(x[index] for x in outputs.box_deltas),
         outputs.feature_sizes,
+        outputs.image_size,
     )
 
 
@@ -183,7 +269,9 @@ def summarize(terms) -> Losses:
 
 
 def fdet_loss(spec: specs.RetinaNet, outputs: RetinaHeadOutputs, targets) -> Losses:
-    anchors = retinanet_anchors(outputs.feature_sizes, spec=spec.anchors)
+    anchors = retinanet_anchors(
+        outputs.feature_sizes, spec=spec.anchors, image_size=outputs.image_size
+    )
     terms = retinanet_loss(
         outputs,
         anchors,
@@ -276,6 +364,39 @@ def test_padded_batch_loss_is_the_per_image_sums_over_all_positives(pairs, versi
     assert_losses_equal(summarize(det.loss(outputs, batch)), ours)
 
 
+def test_loss_matches_torchvision_off_the_nominal_grid(pairs) -> None:
+    """One 320 × 480 image: the loss of the converted model (anchors placed as torchvision
+    places them) is torchvision's ``compute_loss`` on the same head outputs."""
+    tv, det, _, _ = pairs["v1"]
+    size = OFF_GRID[1]
+    images = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        outputs = det(images)
+    assert outputs.image_size == size
+    g = torch.Generator().manual_seed(9)
+    # small boxes for P3–P5, large ones (matching anchors of 256 pixels and more) for P6 and P7
+    wh = torch.cat((8 + torch.rand(4, 2, generator=g) * 150, torch.full((3, 2), 300.0)))
+    wh[-3:, 0] += torch.tensor([0.0, 120.0, 170.0])  # up to 470 × 300 on the 480-wide image
+    xy = torch.rand(7, 2, generator=g) * (torch.tensor([size[1], size[0]]) - wh)
+    target = {
+        "boxes": torch.cat((xy, xy + wh), dim=1),
+        "labels": torch.randint(0, K, (7,), generator=g),
+    }
+    head = {
+        "cls_logits": torch.cat(outputs.cls_logits, dim=1),
+        "bbox_regression": torch.cat(outputs.box_deltas, dim=1),
+    }
+    theirs = tv.compute_loss([target], head, tv_anchors(tv, outputs, 1, size))
+    ours = fdet_loss(spec_from_torchvision(tv), outputs, [target])
+    assert ours.num_pos > 6
+    torch.testing.assert_close(ours.cls_loss, theirs["classification"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(ours.box_loss, theirs["bbox_regression"], rtol=1e-4, atol=0)
+    spec = spec_from_torchvision(tv)
+    nominal = attrs.evolve(spec, anchors=attrs.evolve(spec.anchors, placement="nominal"))
+    off = fdet_loss(nominal, outputs, [target])
+    assert not torch.allclose(off.box_loss, theirs["bbox_regression"], rtol=1e-3, atol=0)
+
+
 class NamedTupleBatch(NamedTuple):
     gt_boxes: torch.Tensor
     gt_labels: torch.Tensor
@@ -305,6 +426,8 @@ def test_spec_is_the_zoo_recipe(version, zoo_file) -> None:
         # torchvision's untrained models: trainable batch norm, nothing frozen
         backbone=attrs.evolve(zoo.backbone, norm=specs.BatchNorm(), frozen_stages=-1),
         normalize=attrs.evolve(zoo.normalize, input_range=1.0),
+        # torchvision's anchor placement, so that detections agree at any input size
+        anchors=attrs.evolve(zoo.anchors, placement="image_ratio"),
     )
     assert spec_from_torchvision(tv) == expected
     frozen = specs.FrozenBatchNorm()

@@ -13,6 +13,7 @@ from fdet.ops.anchors import (
     anchor_offsets,
     grid_anchors,
     grid_points,
+    image_strides,
     level_counts,
     level_index,
     level_sizes,
@@ -210,6 +211,61 @@ def test_level_index_tells_the_level(fsizes, data):
     assert index.shape == (sum(counts),)
     assert torch.equal(torch.bincount(index, minlength=len(fsizes)), torch.tensor(counts))
     assert bool((index[1:] >= index[:-1]).all())
+
+
+def _pyramid_sizes(height: int, width: int, levels: int = 5) -> list[tuple[int, int]]:
+    """Feature sizes of ResNet + FPN P3–P7 on a padded ``height × width`` input: every 3×3
+    stride-2 conv (and the stem's pool) halves a side, rounding up."""
+    sizes = []
+    h, w = height, width
+    for level in range(1, 3 + levels):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        if level >= 3:
+            sizes.append((h, w))
+    return sizes
+
+
+def test_image_strides_examples():
+    # the strides a torchvision model lays its P3–P7 anchors with
+    assert image_strides((256, 256), _pyramid_sizes(256, 256)) == [
+        (8, 8), (16, 16), (32, 32), (64, 64), (128, 128)
+    ]  # fmt: skip
+    assert image_strides((288, 288), _pyramid_sizes(288, 288)) == [
+        (8, 8), (16, 16), (32, 32), (57, 57), (96, 96)
+    ]  # fmt: skip
+    assert image_strides((320, 480), _pyramid_sizes(320, 480)) == [
+        (8, 8), (16, 16), (32, 32), (64, 60), (106, 120)
+    ]  # fmt: skip
+    assert image_strides((800, 1216), _pyramid_sizes(800, 1216))[3:] == [(61, 64), (114, 121)]
+
+
+@given(
+    height=st.integers(1, 60).map(lambda n: 32 * n),
+    width=st.integers(1, 60).map(lambda n: 32 * n),
+    batch=st.integers(1, 2),
+)
+def test_image_strides_are_torchvision_anchor_strides(height, width, batch):
+    """Anchors on image strides equal torchvision's, for any padded size a model sees; the
+    nominal strides do only where every level divides the size evenly."""
+    fsizes = _pyramid_sizes(height, width)
+    sizes = tuple((s,) for s in (32, 64, 128, 256, 512))
+    generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    images = ImageList(torch.zeros(batch, 3, height, width), [(height, width)] * batch)
+    expected = generator(images, [torch.zeros(batch, 1, h, w) for h, w in fsizes])[0]
+    offsets = [anchor_offsets(s, (0.5, 1.0, 2.0)) for s in sizes]
+    assert torch.equal(
+        grid_anchors(offsets, fsizes, image_strides((height, width), fsizes)), expected
+    )
+    nominal = grid_anchors(offsets, fsizes, [8, 16, 32, 64, 128])
+    # a level with more than one location on an axis is placed nominally iff the size divides
+    same = all(
+        (n == 1 or size % (n * stride) == 0)
+        for (h, w), stride in zip(fsizes, (8, 16, 32, 64, 128))
+        for n, size in ((h, height), (w, width))
+    )
+    assert torch.equal(nominal, expected) == same
+    if height % 128 == 0 and width % 128 == 0:
+        assert same
 
 
 def test_mismatched_levels_are_errors():

@@ -113,8 +113,24 @@ LEAF_SPECS = [
     specs.Schedule,
     specs.EMA,
     specs.ParamGroups,
+    # the dense families' parts
+    specs.Points,
+    specs.FCOSAssigner,
+    specs.DistanceCoder,
+    specs.FCOSHead,
+    specs.ATSSAssigner,
+    specs.ATSSHead,
+    specs.GFLHead,
+    specs.QualityFocalLoss,
+    specs.DistributionFocalLoss,
+    specs.CenterNetNeck,
+    specs.CenterNetHead,
+    specs.CenterNetPostprocess,
+    specs.GaussianRadius,
+    specs.HeatmapFocalLoss,
 ]
-ROOT_SPECS = [specs.RetinaNet, specs.Experiment]  # drawn with valid parts in the tests below
+# drawn with valid parts in the tests below (RetinaNet, Experiment) and in each family's tests
+ROOT_SPECS = [specs.RetinaNet, specs.Experiment, specs.FCOS, specs.ATSS, specs.GFL, specs.CenterNet]
 
 
 def test_every_spec_class_is_covered() -> None:

@@ -8,7 +8,8 @@ keep every shape static and never sync with the host, so they run under
 ``torch.compile(fullgraph=True)``::
 
     outputs = detector(images)                                     # RetinaHeadOutputs, per level
-    anchors = retinanet_anchors(outputs.feature_sizes, spec=spec.anchors)             # [A, 4]
+    anchors = retinanet_anchors(outputs.feature_sizes, spec=spec.anchors,
+                                image_size=outputs.image_size)                     # [A, 4]
     terms = retinanet_loss(outputs, anchors, gt_boxes, gt_labels, gt_valid, gt_crowd,
                            assigner=spec.assigner, coder=spec.coder,
                            cls_loss=spec.cls_loss, box_loss=spec.box_loss)  # {"cls", "box"}
@@ -38,15 +39,17 @@ from fdet.models.detectors.dense import (
     with_one_slot,
 )
 from fdet.models.heads.retina import RetinaHeadOutputs
-from fdet.ops.anchors import anchor_offsets, grid_anchors, level_sizes
+from fdet.ops.anchors import anchor_offsets, grid_anchors, image_strides, level_sizes
 from fdet.ops.assign import IGNORE, POSITIVE, Assignment, assign_max_iou
 from fdet.ops.losses import masked_sum
 from fdet.ops.postprocess import Detections, detect_dense
 from fdet.registry import build, register
+from fdet.specs.dense import Placement
 
 __all__ = [
     "RetinaNet",
     "build_retinanet",
+    "placed_strides",
     "retinanet_anchors",
     "retinanet_assign",
     "retinanet_loss",
@@ -67,6 +70,7 @@ def retinanet_anchors(
     feature_sizes: Sequence[tuple[int, int]],
     *,
     spec: specs.Anchors,
+    image_size: tuple[int, int] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Float[Tensor, "A 4"]:
@@ -74,13 +78,17 @@ def retinanet_anchors(
 
     ``feature_sizes``: ``(H_l, W_l)`` of each level as Python ints (``outputs.feature_sizes``).
     Level ``l`` has sizes ``level_sizes(spec.base_sizes[l], spec.octave_scales)`` (cut to integers
-    with ``spec.truncate_sizes``), ``spec.ratios`` and stride ``spec.strides[l]``.
+    with ``spec.truncate_sizes``) and ``spec.ratios``. Its locations are ``spec.strides[l]``
+    apart, or, with ``spec.placement == "image_ratio"``, ``image_size // feature_sizes[l]`` per
+    axis (:func:`fdet.ops.anchors.image_strides`), which needs ``image_size``: ``(H, W)`` of the
+    padded input as Python ints (``outputs.image_size``).
     """
     if len(feature_sizes) != len(spec.strides):
         raise ValueError(
             f"got {len(feature_sizes)} feature maps for {len(spec.strides)} anchor levels "
             f"(anchors.strides {spec.strides})"
         )
+    strides = placed_strides(feature_sizes, spec.strides, spec.placement, image_size)
     offsets = [
         anchor_offsets(
             level_sizes(base, spec.octave_scales, truncate=spec.truncate_sizes),
@@ -91,7 +99,25 @@ def retinanet_anchors(
         )
         for base in spec.base_sizes
     ]
-    return grid_anchors(offsets, feature_sizes, spec.strides)
+    return grid_anchors(offsets, feature_sizes, strides)
+
+
+def placed_strides(
+    feature_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    placement: Placement,
+    image_size: tuple[int, int] | None,
+) -> list[int] | list[tuple[int, int]]:
+    """How far apart the locations of each level are: the nominal ``strides`` (``"nominal"``),
+    or ``image_size // feature_size`` per axis (``"image_ratio"``, torchvision's placement)."""
+    if placement == "nominal":
+        return list(strides)
+    if image_size is None:
+        raise ValueError(
+            f'placement "{placement}" takes the strides from the padded input size, but no '
+            "image_size was given (head outputs get it from the detector's forward)"
+        )
+    return image_strides(image_size, feature_sizes)
 
 
 def retinanet_assign(
@@ -292,14 +318,18 @@ class RetinaNet(DenseDetector):
         self.postprocess_spec = postprocess
 
     def forward(self, images: Float[Tensor, "B 3 H W"]) -> RetinaHeadOutputs:
-        """Head outputs for ``images[B, 3, H, W]`` with values in ``[0, input_range]``."""
+        """Head outputs for ``images[B, 3, H, W]`` with values in ``[0, input_range]``, and the
+        padded size ``(H, W)`` they were computed from (``image_size``)."""
         outputs: RetinaHeadOutputs = super().forward(images)
-        return outputs
+        return outputs._replace(image_size=(int(images.shape[-2]), int(images.shape[-1])))
 
     def anchors_for(self, outputs: RetinaHeadOutputs) -> Float[Tensor, "A 4"]:
         """The anchors ``[A, 4]`` that line up with ``outputs`` (float32, on their device)."""
         return retinanet_anchors(
-            outputs.feature_sizes, spec=self.anchor_spec, device=outputs.cls_logits[0].device
+            outputs.feature_sizes,
+            spec=self.anchor_spec,
+            image_size=outputs.image_size,
+            device=outputs.cls_logits[0].device,
         )
 
     def loss(self, outputs: RetinaHeadOutputs, batch: Targets) -> LossTerms:

@@ -21,19 +21,27 @@ class RetinaHeadOutputs(NamedTuple):
     cls_logits: tuple[Float[Tensor, "B A_l K"], ...]
     box_deltas: tuple[Float[Tensor, "B A_l 4"], ...]
     feature_sizes: tuple[tuple[int, int], ...]  # (H_l, W_l) of each level
+    # (H, W) of the padded input, set by the detector (the head sees only features); needed by
+    # anchors placed with ``Anchors(placement="image_ratio")``, None where not known
+    image_size: tuple[int, int] | None = None
 
 
 def _tower(
-    in_channels: int, channels: int, num_convs: int, norm: Callable[[int], nn.Module] | None
+    in_channels: int,
+    channels: int,
+    num_convs: int,
+    norm: Callable[[int], nn.Module] | None,
+    *,
+    bias: bool | None = None,
 ) -> nn.Sequential:
-    """``num_convs`` blocks ``conv 3×3 [→ norm] → ReLU``; a conv followed by a norm has no
-    bias (the norm's shift takes its place), as in torchvision's v2 head."""
+    """``num_convs`` blocks ``conv 3×3 [→ norm] → ReLU``. By default (``bias=None``) a conv
+    followed by a norm has no bias (the norm's shift takes its place), as in torchvision's v2
+    head; ``bias=True`` keeps it anyway (FCOS's towers), ``bias=False`` drops it always."""
+    with_bias = norm is None if bias is None else bias
     layers: list[nn.Module] = []
     for i in range(num_convs):
         block: list[nn.Module] = [
-            nn.Conv2d(
-                in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm is None
-            )
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=with_bias)
         ]
         if norm is not None:
             block.append(norm(channels))

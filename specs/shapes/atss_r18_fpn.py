@@ -1,0 +1,45 @@
+"""ATSS R18-FPN on fdet's synthetic shapes set, with the backbone, pyramid, head width, data and
+training budget of the RetinaNet shapes spec (retinanet_r18_fpn.py).
+
+One square anchor a location, of side 2 × stride (16, 32 and 64 pixels on P3–P5): at 128² the
+objects are 8 to 64 pixels, and ATSS spreads their positives over the three levels (about
+55 %, 35 % and 10 % of them on P3, P4 and P5); sides of 8 × stride, the COCO setting, would be
+64 to 256 pixels here and put almost every positive on P3.
+"""
+
+from pathlib import Path
+
+import attrs
+
+from fdet import specs
+from fdet.specs import load_module
+
+BASE = load_module(Path(__file__).with_name("retinanet_r18_fpn.py"))
+
+MODEL = specs.ATSS(
+    backbone=BASE.MODEL.backbone,
+    neck=BASE.MODEL.neck,
+    head=specs.ATSSHead(
+        num_classes=BASE.NUM_CLASSES,
+        num_convs=BASE.MODEL.head.num_convs,
+        channels=BASE.MODEL.head.channels,
+        norm=BASE.MODEL.head.norm,
+        centerness=True,
+    ),
+    anchors=specs.Anchors(
+        strides=(8, 16, 32),
+        base_sizes=(16, 32, 64),
+        octave_scales=(1.0,),
+        ratios=(1.0,),
+        truncate_sizes=False,
+        round_offsets=False,
+    ),
+    assigner=specs.ATSSAssigner(topk=9),
+    coder=specs.DeltaXYWHCoder(stds=(0.1, 0.1, 0.2, 0.2)),
+    cls_loss=specs.SigmoidFocalLoss(alpha=0.25, gamma=2.0),
+    box_loss=specs.GIoULoss(weight=2.0),
+    centerness_weight=1.0,
+    postprocess=BASE.MODEL.postprocess,
+)
+
+EXPERIMENT = attrs.evolve(BASE.EXPERIMENT, model=MODEL)
