@@ -143,7 +143,7 @@ def _contenders(
             loss = value()
             grads = torch.autograd.grad(loss, leaves)
             del grads
-            return float(loss)
+            return float(loss.detach())
 
         return run
 

@@ -2,11 +2,13 @@
 data, optimizer and budget of `retinanet_r18_fpn.py`, with FCOS's head, points and losses.
 
 P3–P5 on 128-pixel images; objects are 8 to 64 pixels, so a point's largest distance to the
-sides of its box is at most 64. The regression ranges split that between the levels the way
-the anchors of the RetinaNet spec do (16, 32 and 64-pixel anchors on P3, P4, P5): P3 takes
-boxes reaching up to 16 pixels from the point, P4 up to 32, P5 the rest. The rest is the
-paper's improved recipe: group norm, learned scales, center sampling at 1.5 strides, GIoU
-weighted by the centerness target.
+sides of its box is at most 64. The regression ranges split that between the levels: P3
+takes points up to 24 pixels from the farthest side, P4 up to 48, P5 the rest (an object's
+central points are about half its size from its sides). Narrower ranges, (16, 32), leave 2.7
+positives an object and reached AP 0.18 after 600 iterations; (24, 48) leave 4.7 and reached
+0.25, as did (32, 64), which leaves P5 almost nothing to learn. The rest is the paper's
+improved recipe: group norm, learned scales, center sampling at 1.5 strides, GIoU weighted by
+the centerness target.
 """
 
 from pathlib import Path
@@ -30,7 +32,7 @@ MODEL = specs.FCOS(
     ),
     points=specs.Points(strides=(8, 16, 32), offset=0.5),
     assigner=specs.FCOSAssigner(
-        regress_ranges=((-1.0, 16.0), (16.0, 32.0), (32.0, None)), center_radius=1.5
+        regress_ranges=((-1.0, 24.0), (24.0, 48.0), (48.0, None)), center_radius=1.5
     ),
     coder=specs.DistanceCoder(normalize_by_stride=True),
     box_loss=specs.GIoULoss(weight=1.0),
