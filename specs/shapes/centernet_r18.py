@@ -41,4 +41,6 @@ EXPERIMENT = specs.Experiment(
     grad_clip_norm=10.0,
     seed=0,
     num_workers=1,
+    precision="auto",
+    allocator="retain",
 )

@@ -1,6 +1,7 @@
 """Whole detectors. Start with :mod:`fdet.models.detectors.base`: the contract every family
 follows (``forward``, ``loss`` → :class:`Term` s, ``postprocess``, ``predict``)."""
 
+from fdet.models.detectors import two_stage
 from fdet.models.detectors.atss import ATSS, atss_loss, atss_postprocess, build_atss
 from fdet.models.detectors.base import Detector, LossTerms, Term, term_values, total_loss
 from fdet.models.detectors.centernet import (
@@ -53,4 +54,5 @@ __all__ = [
     "retinanet_postprocess",
     "term_values",
     "total_loss",
+    "two_stage",
 ]

@@ -39,6 +39,8 @@ from fdet.models.detectors.dense import (
     DenseDetector,
     box_coder,
     box_loss_per_anchor,
+    build_dense_parts,
+    check_anchors_per_location,
     cls_loss_per_anchor,
     matched_targets,
     with_one_slot,
@@ -50,7 +52,7 @@ from fdet.ops.boxes import xyxy_to_cxcywh
 from fdet.ops.coding import centerness, encode_distances
 from fdet.ops.losses import masked_sum
 from fdet.ops.postprocess import Detections, detect_dense
-from fdet.registry import build, register
+from fdet.registry import register
 from fdet.specs.atss import SINGLE_ANCHORS
 
 __all__ = [
@@ -296,13 +298,7 @@ class ATSS(DenseDetector):
         super().__init__(
             backbone=backbone, neck=neck, head=head, mean=mean, std=std, input_range=input_range
         )
-        per_location = getattr(head, "num_anchors", anchors.per_location)
-        if per_location != anchors.per_location:
-            raise ValueError(
-                f"the head predicts {per_location} anchors a location but the anchors spec has "
-                f"{anchors.per_location} ({len(anchors.octave_scales)} scales × "
-                f"{len(anchors.ratios)} ratios)"
-            )
+        check_anchors_per_location(head, anchors)
         self.anchor_spec = anchors
         self.assigner_spec = assigner
         self.coder_spec = coder
@@ -310,12 +306,6 @@ class ATSS(DenseDetector):
         self.box_loss_spec = box_loss
         self.centerness_weight = float(centerness_weight)
         self.postprocess_spec = postprocess
-
-    def forward(self, images: Float[Tensor, "B 3 H W"]) -> ATSSHeadOutputs:
-        """Head outputs for ``images[B, 3, H, W]`` with values in ``[0, input_range]``, and the
-        padded size ``(H, W)`` they were computed from (``image_size``)."""
-        outputs: ATSSHeadOutputs = super().forward(images)
-        return outputs._replace(image_size=(int(images.shape[-2]), int(images.shape[-1])))
 
     def anchors_for(self, outputs: ATSSHeadOutputs) -> Float[Tensor, "A 4"]:
         """The anchors ``[A, 4]`` that line up with ``outputs`` (float32, on their device)."""
@@ -361,20 +351,10 @@ class ATSS(DenseDetector):
 @register(specs.ATSS)
 def build_atss(spec: specs.ATSS) -> ATSS:
     """An :class:`ATSS` with the modules and the hyperparameters of ``spec``."""
-    backbone = build(spec.backbone)
-    neck = build(
-        spec.neck, in_channels=spec.backbone.out_channels, input_levels=spec.backbone.out_levels
-    )
-    head = build(
-        spec.head,
-        in_channels=spec.neck.channels,
-        num_anchors=spec.anchors.per_location,
-        num_levels=len(spec.neck.out_levels),
-    )
     return ATSS(
-        backbone=backbone,
-        neck=neck,
-        head=head,
+        **build_dense_parts(
+            spec, num_anchors=spec.anchors.per_location, num_levels=len(spec.neck.out_levels)
+        ),
         anchors=spec.anchors,
         assigner=spec.assigner,
         coder=spec.coder,
@@ -382,7 +362,4 @@ def build_atss(spec: specs.ATSS) -> ATSS:
         box_loss=spec.box_loss,
         centerness_weight=spec.centerness_weight,
         postprocess=spec.postprocess,
-        mean=spec.normalize.mean,
-        std=spec.normalize.std,
-        input_range=spec.normalize.input_range,
     )

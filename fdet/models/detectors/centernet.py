@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fdet import specs
 from fdet.models.detectors.base import LossTerms, Targets, Term
-from fdet.models.detectors.dense import DenseDetector, with_one_slot
+from fdet.models.detectors.dense import DenseDetector, build_dense_parts, with_one_slot
 from fdet.models.heads.centernet import CenterNetOutputs
 from fdet.ops.anchors import grid_points
 from fdet.ops.boxes import clip_boxes
@@ -40,7 +40,7 @@ from fdet.ops.heatmap import (
 )
 from fdet.ops.losses import l1_loss, masked_sum
 from fdet.ops.postprocess import Detections, top_detections
-from fdet.registry import build, register
+from fdet.registry import register
 
 __all__ = [
     "CenterNet",
@@ -327,11 +327,6 @@ class CenterNet(DenseDetector):
         self.offset_weight = float(offset_weight)
         self.postprocess_spec = postprocess
 
-    def forward(self, images: Float[Tensor, "B 3 H W"]) -> CenterNetOutputs:
-        """Head outputs for ``images[B, 3, H, W]`` with values in ``[0, input_range]``."""
-        outputs: CenterNetOutputs = super().forward(images)
-        return outputs
-
     def loss(self, outputs: CenterNetOutputs, batch: Targets) -> LossTerms:
         """:func:`centernet_loss` of ``outputs`` against ``batch``'s ``gt_boxes``, ``gt_labels``,
         ``gt_valid`` and ``gt_crowd`` (``gt_crowd`` may be missing or None)."""
@@ -361,22 +356,12 @@ class CenterNet(DenseDetector):
 @register(specs.CenterNet)
 def build_centernet(spec: specs.CenterNet) -> CenterNet:
     """A :class:`CenterNet` with the modules and the hyperparameters of ``spec``."""
-    backbone = build(spec.backbone)
-    neck = build(
-        spec.neck, in_channels=spec.backbone.out_channels, input_levels=spec.backbone.out_levels
-    )
-    head = build(spec.head, in_channels=spec.neck.out_channels)
     return CenterNet(
-        backbone=backbone,
-        neck=neck,
-        head=head,
+        **build_dense_parts(spec, head_input="out_channels"),
         stride=spec.stride,
         radius=spec.radius,
         heatmap_loss=spec.heatmap_loss,
         size_weight=spec.size_weight,
         offset_weight=spec.offset_weight,
         postprocess=spec.postprocess,
-        mean=spec.normalize.mean,
-        std=spec.normalize.std,
-        input_range=spec.normalize.input_range,
     )

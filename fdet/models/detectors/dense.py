@@ -39,6 +39,8 @@ __all__ = [
     "DenseDetector",
     "box_coder",
     "box_loss_per_anchor",
+    "build_dense_parts",
+    "check_anchors_per_location",
     "cls_loss_per_anchor",
     "matched_targets",
     "with_one_slot",
@@ -67,7 +69,44 @@ class DenseDetector(Detector):
         self.num_classes = int(getattr(head, "num_classes", 0))
 
     def forward(self, images: Float[Tensor, "B 3 H W"]) -> Any:
-        return self.head(self.neck(self.backbone(self.normalize(images))))
+        """The head's outputs for ``images[B, 3, H, W]`` (values in ``[0, input_range]``); where
+        the outputs have an ``image_size`` field, it is set to the padded size ``(H, W)`` they
+        were computed from (anchors and points are placed from it)."""
+        outputs = self.head(self.neck(self.backbone(self.normalize(images))))
+        if "image_size" in getattr(outputs, "_fields", ()):
+            outputs = outputs._replace(image_size=(int(images.shape[-2]), int(images.shape[-1])))
+        return outputs
+
+
+def check_anchors_per_location(head: nn.Module, anchors: specs.Anchors) -> None:
+    """Raises if ``head`` predicts another number of anchors a location than ``anchors`` has
+    (a head without a ``num_anchors`` attribute is taken at its word)."""
+    per_location = getattr(head, "num_anchors", anchors.per_location)
+    if per_location != anchors.per_location:
+        raise ValueError(
+            f"the head predicts {per_location} anchors a location but the anchors spec has "
+            f"{anchors.per_location} ({len(anchors.octave_scales)} scales × "
+            f"{len(anchors.ratios)} ratios)"
+        )
+
+
+def build_dense_parts(spec: Any, *, head_input: str = "channels", **head_kwargs: Any) -> dict:
+    """The keyword arguments every dense detector's constructor takes, built from ``spec``
+    (a detector spec with ``backbone``, ``neck``, ``head`` and ``normalize``): the backbone,
+    the neck on the backbone's levels, the head on the neck's ``head_input`` attribute (its
+    output channels) with ``head_kwargs``, and the input normalization."""
+    return {
+        "backbone": build(spec.backbone),
+        "neck": build(
+            spec.neck,
+            in_channels=spec.backbone.out_channels,
+            input_levels=spec.backbone.out_levels,
+        ),
+        "head": build(spec.head, in_channels=getattr(spec.neck, head_input), **head_kwargs),
+        "mean": spec.normalize.mean,
+        "std": spec.normalize.std,
+        "input_range": spec.normalize.input_range,
+    }
 
 
 # --- box coders ---------------------------------------------------------------------------------

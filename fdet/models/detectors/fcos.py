@@ -44,6 +44,7 @@ from fdet.models.detectors.dense import (
     DenseDetector,
     box_coder,
     box_loss_per_anchor,
+    build_dense_parts,
     cls_loss_per_anchor,
     matched_targets,
     with_one_slot,
@@ -56,7 +57,7 @@ from fdet.ops.boxes import box_area
 from fdet.ops.coding import centerness, decode_distances, encode_distances
 from fdet.ops.losses import masked_sum
 from fdet.ops.postprocess import Detections, detect_dense
-from fdet.registry import build, register
+from fdet.registry import register
 from fdet.specs.fcos import DEFAULT_POSTPROCESS, RegressRange
 
 __all__ = [
@@ -502,12 +503,6 @@ class FCOS(DenseDetector):
         self.box_weight_by_centerness = bool(box_weight_by_centerness)
         self.postprocess_spec = postprocess
 
-    def forward(self, images: Float[Tensor, "B 3 H W"]) -> FCOSHeadOutputs:
-        """Head outputs for ``images[B, 3, H, W]`` with values in ``[0, input_range]``, and the
-        padded size ``(H, W)`` they were computed from (``image_size``)."""
-        outputs: FCOSHeadOutputs = super().forward(images)
-        return outputs._replace(image_size=(int(images.shape[-2]), int(images.shape[-1])))
-
     def points_for(self, outputs: FCOSHeadOutputs) -> PointGrid:
         """The points that line up with ``outputs`` (float32, on their device)."""
         return fcos_points(
@@ -553,15 +548,8 @@ class FCOS(DenseDetector):
 @register(specs.FCOS)
 def build_fcos(spec: specs.FCOS) -> FCOS:
     """An :class:`FCOS` with the modules and the hyperparameters of ``spec``."""
-    backbone = build(spec.backbone)
-    neck = build(
-        spec.neck, in_channels=spec.backbone.out_channels, input_levels=spec.backbone.out_levels
-    )
-    head = build(spec.head, in_channels=spec.neck.channels, num_levels=len(spec.neck.out_levels))
     return FCOS(
-        backbone=backbone,
-        neck=neck,
-        head=head,
+        **build_dense_parts(spec, num_levels=len(spec.neck.out_levels)),
         points=spec.points,
         assigner=spec.assigner,
         coder=spec.coder,
@@ -570,7 +558,4 @@ def build_fcos(spec: specs.FCOS) -> FCOS:
         centerness_weight=spec.centerness_weight,
         box_weight_by_centerness=spec.box_weight_by_centerness,
         postprocess=spec.postprocess,
-        mean=spec.normalize.mean,
-        std=spec.normalize.std,
-        input_range=spec.normalize.input_range,
     )

@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from fdet import specs
 from fdet.models.detectors.atss import atss_assign
 from fdet.models.detectors.base import LossTerms, Targets, Term
-from fdet.models.detectors.dense import DenseDetector, matched_targets, with_one_slot
+from fdet.models.detectors.dense import (
+    DenseDetector,
+    build_dense_parts,
+    check_anchors_per_location,
+    matched_targets,
+    with_one_slot,
+)
 from fdet.models.detectors.retinanet import retinanet_anchors
 from fdet.models.heads.gfl import GFLHeadOutputs
 from fdet.ops.anchors import level_index
@@ -51,7 +57,7 @@ from fdet.ops.losses import (
     quality_focal_loss_labels,
 )
 from fdet.ops.postprocess import Detections, detect_dense
-from fdet.registry import build, register
+from fdet.registry import register
 from fdet.specs.atss import SINGLE_ANCHORS
 
 __all__ = [
@@ -282,25 +288,13 @@ class GFL(DenseDetector):
         super().__init__(
             backbone=backbone, neck=neck, head=head, mean=mean, std=std, input_range=input_range
         )
-        per_location = getattr(head, "num_anchors", anchors.per_location)
-        if per_location != anchors.per_location:
-            raise ValueError(
-                f"the head predicts {per_location} anchors a location but the anchors spec has "
-                f"{anchors.per_location} ({len(anchors.octave_scales)} scales × "
-                f"{len(anchors.ratios)} ratios)"
-            )
+        check_anchors_per_location(head, anchors)
         self.anchor_spec = anchors
         self.assigner_spec = assigner
         self.cls_loss_spec = cls_loss
         self.box_loss_spec = box_loss
         self.dfl_spec = dfl
         self.postprocess_spec = postprocess
-
-    def forward(self, images: Float[Tensor, "B 3 H W"]) -> GFLHeadOutputs:
-        """Head outputs for ``images[B, 3, H, W]`` with values in ``[0, input_range]``, and the
-        padded size ``(H, W)`` they were computed from (``image_size``)."""
-        outputs: GFLHeadOutputs = super().forward(images)
-        return outputs._replace(image_size=(int(images.shape[-2]), int(images.shape[-1])))
 
     def anchors_for(self, outputs: GFLHeadOutputs) -> tuple[Float[Tensor, "A 4"], Tensor]:
         """The anchors ``[A, 4]`` that line up with ``outputs`` and the stride ``[A]`` of each
@@ -347,27 +341,14 @@ class GFL(DenseDetector):
 @register(specs.GFL)
 def build_gfl(spec: specs.GFL) -> GFL:
     """A :class:`GFL` with the modules and the hyperparameters of ``spec``."""
-    backbone = build(spec.backbone)
-    neck = build(
-        spec.neck, in_channels=spec.backbone.out_channels, input_levels=spec.backbone.out_levels
-    )
-    head = build(
-        spec.head,
-        in_channels=spec.neck.channels,
-        num_anchors=spec.anchors.per_location,
-        num_levels=len(spec.neck.out_levels),
-    )
     return GFL(
-        backbone=backbone,
-        neck=neck,
-        head=head,
+        **build_dense_parts(
+            spec, num_anchors=spec.anchors.per_location, num_levels=len(spec.neck.out_levels)
+        ),
         anchors=spec.anchors,
         assigner=spec.assigner,
         cls_loss=spec.cls_loss,
         box_loss=spec.box_loss,
         dfl=spec.dfl,
         postprocess=spec.postprocess,
-        mean=spec.normalize.mean,
-        std=spec.normalize.std,
-        input_range=spec.normalize.input_range,
     )

@@ -1,0 +1,89 @@
+"""Every family's shapes spec file trains through `fdet train` and evaluates through `fdet eval`,
+cut down from the command line to seconds (a narrow backbone, 64² images, a few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import pytest
+
+from fdet import specs
+from fdet.cli import main
+from fdet.train import load_run
+
+SHAPES = Path(__file__).resolve().parents[2] / "specs" / "shapes"
+
+FAMILIES = [
+    ("retinanet_r18_fpn.py", specs.RetinaNet, {"cls", "box"}),
+    ("fcos_r18_fpn.py", specs.FCOS, {"cls", "box", "centerness"}),
+    ("atss_r18_fpn.py", specs.ATSS, {"cls", "box", "centerness"}),
+    ("gfl_r18_fpn.py", specs.GFL, {"cls", "box", "dfl"}),
+    ("centernet_r18.py", specs.CenterNet, {"heatmap", "size", "offset"}),
+]
+
+
+def tiny_overrides(cache: Path) -> list[str]:
+    """``--set`` options that shrink any shapes experiment to four steps of four 64² images,
+    float32 (the same on every CPU), keeping the file's model otherwise."""
+    sets = {
+        "model.backbone.width": 16,
+        "data.train_images": 8,
+        "data.val_images": 4,
+        "data.image_size": 64,
+        "data.cache_dir": str(cache),
+        "train_transforms.min_size": [64],
+        "train_transforms.max_size": 64,
+        "val_transforms.min_size": [64],
+        "val_transforms.max_size": 64,
+        "batch_size": 4,
+        "schedule.warmup.iters": 2,
+        "iterations": 4,
+        "eval_interval": 4,
+        "eval_images": 4,
+        "checkpoint_interval": 4,
+        "log_interval": 2,
+        "num_workers": 0,
+        "precision": "fp32",
+    }
+    args = []
+    for path, value in sets.items():
+        args += ["--set", f"{path}={json.dumps(value)}"]
+    return args
+
+
+@pytest.mark.parametrize(("file", "family", "terms"), FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_family_trains_and_evaluates_from_the_command_line(
+    file: str,
+    family: type,
+    terms: set[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(SHAPES / file), "--out", str(run), "--no-progress"]
+    assert main(args + tiny_overrides(tmp_path / "cache")) == 0
+
+    exp, model = load_run(run)
+    assert isinstance(exp.model, family)
+    base = specs.load(SHAPES / file, specs.Experiment).model
+    assert exp.model == attrs.evolve(base, backbone=attrs.evolve(base.backbone, width=16))
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["iteration"] for x in train_lines] == [2, 4]
+    for line in train_lines:
+        # every term of the family is logged, finite, and they add up to the loss
+        assert terms <= set(line), line
+        assert all(line[t] >= 0 for t in terms)
+        assert sum(line[t] for t in terms) == pytest.approx(line["loss"], rel=1e-4, abs=1e-6)
+    metrics = json.loads((run / "metrics.json").read_text())["bbox"]
+    assert 0.0 <= metrics["AP"] <= 1.0 and len(metrics["per_class_ap"]) == 6
+
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--out", str(out_json)]) == 0
+    assert "AP50" in capsys.readouterr().out
+    evaluated = json.loads(out_json.read_text())["bbox"]
+    assert evaluated["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    assert not model.training
