@@ -1,9 +1,13 @@
 """CenterNet R18 trained from scratch on fdet's synthetic shapes set, with the budget of
 `retinanet_r18_fpn.py` (batch 16, 128-pixel images, 3000 iterations, AdamW, cosine decay).
 
-C5 (4×4 at 128²) is up-sampled three times to a 32×32 map at stride 4, where every object of 8
-to 64 pixels is a peak of 2 to 16 cells across. The neck and head are the paper's ResNet-18
-ones: (256, 128, 64) channels, 64-channel branches.
+The paper up-samples C5 (stride 32) three times to stride 4. At 128² C5 is a 4×4 map: every
+object of 8 to 64 pixels has to be found and sized from 16 cells, and that run reached AP 0.08
+after 1000 iterations and 0.24 after 3000 (the RetinaNet spec: 0.56 and 0.73). Here the neck
+up-samples C3 (16×16 at stride 8, a receptive field of about 100 pixels, more than the largest
+object) once, to a 32×32 map at stride 4: AP 0.52 after 1000 iterations, and each step is
+cheaper (layers 3 and 4 of the ResNet are not run). Up-sampling C4 twice reached 0.32. The
+head is the paper's ResNet one: 64-channel branches.
 """
 
 from fdet import specs
@@ -11,8 +15,8 @@ from fdet import specs
 NUM_CLASSES = 6
 
 MODEL = specs.CenterNet(
-    backbone=specs.ResNet(depth=18, norm=specs.BatchNorm(), frozen_stages=-1, out_levels=(5,)),
-    neck=specs.CenterNetNeck(in_level=5, channels=(256, 128, 64), norm=specs.BatchNorm()),
+    backbone=specs.ResNet(depth=18, norm=specs.BatchNorm(), frozen_stages=-1, out_levels=(3,)),
+    neck=specs.CenterNetNeck(in_level=3, channels=(64,), norm=specs.BatchNorm()),
     head=specs.CenterNetHead(num_classes=NUM_CLASSES, channels=64, prior_prob=0.1),
     radius=specs.GaussianRadius(min_overlap=0.3, variant="exact"),
     heatmap_loss=specs.HeatmapFocalLoss(alpha=2.0, beta=4.0, weight=1.0),
