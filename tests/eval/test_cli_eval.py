@@ -122,7 +122,11 @@ def test_categories_are_matched_by_name(run: Path, tmp_path: Path) -> None:
     assert r1 == [{**r, "category_id": new_id[r["category_id"]]} for r in r0]
     m0 = json.loads((tmp_path / "m0.json").read_text())["bbox"]
     m1 = json.loads((tmp_path / "m1.json").read_text())["bbox"]
-    assert m1 == m0 and set(m1["per_class_ap"]) == set(CATEGORIES)
+    # the same metrics (to rounding: the evaluator averages the classes in id order, and the
+    # ids are permuted)
+    assert set(m1) == set(m0) and set(m1["per_class_ap"]) == set(CATEGORIES)
+    for key, value in m0.items():
+        assert m1[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
 
     proc = run_fdet("eval", str(run), "--data", str(images), str(renamed_file), cwd=tmp_path)
     line = assert_one_line_error(proc, "eval")
