@@ -122,7 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fdet.data.transforms import build_transform
     from fdet.eval.classes import category_ids_by_name, run_class_names
     from fdet.eval.coco import format_table
-    from fdet.eval.evaluate import evaluate_model
+    from fdet.eval.evaluate import evaluate_model_types
     from fdet.train import load_run
     from fdet.train.engine import check_classes, make_datasets
     from fdet.train.run_dir import resolve_checkpoint
@@ -162,7 +162,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pad_divisor=exp.val_transforms.pad_divisor,
         drop_last=False,
     )
-    metrics, results = evaluate_model(
+    # boxes, and masks too where the model predicts them and the annotations have them
+    by_type, results = evaluate_model_types(
         model,
         loader,
         dataset,
@@ -171,11 +172,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         label_to_category_id=label_to_category_id,
     )
-    print(format_table(metrics))
+    for iou_type, metrics in by_type.items():
+        print(format_table(metrics, iou_type=iou_type if len(by_type) > 1 else None))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"bbox": metrics.to_dict()}, indent=2) + "\n")
+        metrics_json = {iou_type: m.to_dict() for iou_type, m in by_type.items()}
+        out.write_text(json.dumps(metrics_json, indent=2) + "\n")
     if args.results:
         results_file = Path(args.results)
         results_file.parent.mkdir(parents=True, exist_ok=True)

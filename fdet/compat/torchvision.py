@@ -1,4 +1,4 @@
-"""torchvision's RetinaNet and FCOS as fdet specs, state dicts and detectors.
+"""torchvision's RetinaNet, FCOS and Faster R-CNN as fdet specs, state dicts and detectors.
 
     >>> tv = torchvision.models.detection.retinanet_resnet50_fpn_v2(weights=...)
     >>> detector = load_torchvision(tv)          # fdet RetinaNet with the same weights
@@ -34,16 +34,26 @@ from typing import Any
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection import _utils as tv_det_utils
+from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection import fcos as tv_fcos
 from torchvision.models.detection import retinanet as tv_retinanet
+from torchvision.models.detection import roi_heads as tv_roi_heads
+from torchvision.models.detection import rpn as tv_rpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import (
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+)
+from torchvision.ops.poolers import MultiScaleRoIAlign
 
 from fdet import specs
 from fdet.models.detectors.fcos import FCOS
 from fdet.models.detectors.retinanet import RetinaNet
+from fdet.models.detectors.two_stage.faster_rcnn import FasterRCNN
+from fdet.models.detectors.two_stage.roi_heads import rename_torchvision_keys
 from fdet.ops.anchors import level_sizes
 from fdet.ops.coding import stds_from_weights
 from fdet.registry import build
@@ -92,6 +102,9 @@ _FCOS_RENAMES = (
 # torchvision's FCOS towers are flat Sequential(conv, norm, relu, conv, norm, relu, ...)
 _FCOS_TOWER = re.compile(r"^(head\.(?:cls|box)_tower\.)(\d+)\.(.+)$")
 _FCOS_MARKER = "head.regression_head.bbox_ctrness."
+_FASTER_RCNN_MARKER = "roi_heads.box_predictor."
+_NO_TENSOR: Any = None  # a placeholder value: renaming reads only the keys
+_ROI = "roi_heads."
 
 
 class UnsupportedModelError(ValueError):
@@ -200,18 +213,24 @@ def _frozen_stages(body: Any, stage_names: Sequence[str]) -> int:
     return count
 
 
-def _fpn_spec(fpn: Any, in_levels: tuple[int, ...], in_channels: tuple[int, ...]) -> specs.FPN:
+def _fpn_channels(fpn: Any, in_channels: tuple[int, ...], *, norm: bool = False) -> int:
+    """The output channels of a torchvision FPN fdet can express (plain convs unless ``norm``,
+    the backbone's input channels)."""
     if not isinstance(fpn, FeaturePyramidNetwork):
         raise _unsupported("backbone.fpn", f"{type(fpn).__name__} is not a FeaturePyramidNetwork")
     inner = fpn.inner_blocks[0]
-    if len(inner) != 1:
+    if len(inner) != 1 and not norm:
         raise _unsupported("backbone.fpn", "FPN convs with a norm layer")
-    channels = inner[0].out_channels
     got = tuple(block[0].in_channels for block in fpn.inner_blocks)
     if got != in_channels:
         raise _unsupported(
             "backbone.fpn", f"input channels {got}, the backbone gives {in_channels}"
         )
+    return int(inner[0].out_channels)
+
+
+def _fpn_spec(fpn: Any, in_levels: tuple[int, ...], in_channels: tuple[int, ...]) -> specs.FPN:
+    channels = _fpn_channels(fpn, in_channels)
     extra = fpn.extra_blocks
     if extra is None:
         return specs.FPN(
@@ -498,11 +517,235 @@ def _fcos_spec(model: Any, batch_norm: BatchNormSpec | None) -> specs.FCOS:
     )
 
 
+def _fpn_norm(fpn: Any) -> BatchNormSpec | None:
+    """The norm after every lateral and output conv of a torchvision FPN (its v2 detectors':
+    ``BatchNorm2d``, the convs then without bias), or None."""
+    norms: set[BatchNormSpec | None] = set()
+    blocks = [("inner_blocks", i, b) for i, b in enumerate(fpn.inner_blocks)]
+    blocks += [("layer_blocks", i, b) for i, b in enumerate(fpn.layer_blocks)]
+    for name, i, block in blocks:
+        where = f"backbone.fpn.{name}.{i}"
+        layers = list(block)
+        if len(layers) == 1:
+            norms.add(None)
+        elif len(layers) == 2 and layers[0].bias is None:
+            norms.add(_batch_norm_spec(layers[1], f"{where}.1"))
+        else:
+            raise _unsupported(where, f"{[type(m).__name__ for m in layers]}")
+    if len(norms) != 1:
+        raise _unsupported("backbone.fpn", f"mixes convs with different norms: {norms}")
+    return norms.pop()
+
+
+def _pooled_fpn_spec(
+    fpn: Any, in_levels: tuple[int, ...], in_channels: tuple[int, ...]
+) -> tuple[specs.FPN, int, tuple[str, ...]]:
+    """Faster R-CNN's FPN: fdet's FPN, the number of max-pooled levels above it
+    (``LastLevelMaxPool``: 1) and the names of the extra levels torchvision gives them."""
+    extra = fpn.extra_blocks
+    if type(extra) is LastLevelMaxPool:
+        channels = _fpn_channels(fpn, in_channels, norm=True)
+        norm = _fpn_norm(fpn)
+        spec = specs.FPN(in_levels=in_levels, out_levels=in_levels, channels=channels, norm=norm)
+        return spec, 1, ("pool",)
+    spec = _fpn_spec(fpn, in_levels, in_channels)
+    return spec, 0, ("p6", "p7")[: len(spec.extra_levels)]
+
+
+def _matcher_spec(matcher: Any, where: str) -> specs.MaxIoUAssigner:
+    if type(matcher) is not tv_det_utils.Matcher:
+        raise _unsupported(where, f"{type(matcher).__name__} is not a Matcher")
+    return specs.MaxIoUAssigner(
+        pos_iou=float(matcher.high_threshold),
+        neg_iou=float(matcher.low_threshold),
+        low_quality_matches=bool(matcher.allow_low_quality_matches),
+    )
+
+
+def _sampler_spec(sampler: Any, where: str) -> specs.Sampler:
+    if not isinstance(sampler, tv_det_utils.BalancedPositiveNegativeSampler):
+        raise _unsupported(where, f"{type(sampler).__name__}")
+    return specs.Sampler(
+        num_samples=int(sampler.batch_size_per_image),
+        positive_fraction=float(sampler.positive_fraction),
+    )
+
+
+def _delta_coder_spec(coder: Any, where: str) -> specs.DeltaXYWHCoder:
+    if not isinstance(coder, tv_det_utils.BoxCoder):
+        raise _unsupported(where, f"{type(coder).__name__} is not a BoxCoder")
+    weights = tuple(float(w) for w in coder.weights)
+    return specs.DeltaXYWHCoder(stds=stds_from_weights(weights), clip=float(coder.bbox_xform_clip))
+
+
+def _rpn_spec(rpn: Any, levels: tuple[int, ...]) -> specs.RPN:
+    if not isinstance(rpn, tv_rpn.RegionProposalNetwork):
+        raise _unsupported("rpn", f"{type(rpn).__name__} is not a RegionProposalNetwork")
+    head = rpn.head
+    if not isinstance(head, tv_rpn.RPNHead):
+        raise _unsupported("rpn.head", f"{type(head).__name__} is not an RPNHead")
+    for i, block in enumerate(head.conv):
+        layers = list(block)
+        conv = layers[0]
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.bias is not None
+            and len(layers) == 2
+            and isinstance(layers[1], nn.ReLU)
+        ):
+            raise _unsupported(f"rpn.head.conv.{i}", "not a 3×3 conv with bias and a ReLU")
+    anchors = _anchors_spec(rpn.anchor_generator, levels)
+    if anchors.per_location != head.cls_logits.out_channels:
+        raise _unsupported(
+            "rpn.anchor_generator",
+            f"{anchors.per_location} anchors a location, the head has "
+            f"{head.cls_logits.out_channels}",
+        )
+    return specs.RPN(
+        anchors=anchors,
+        num_convs=len(head.conv),
+        assigner=_matcher_spec(rpn.proposal_matcher, "rpn.proposal_matcher"),
+        sampler=_sampler_spec(rpn.fg_bg_sampler, "rpn.fg_bg_sampler"),
+        coder=_delta_coder_spec(rpn.box_coder, "rpn.box_coder"),
+        box_loss=specs.SmoothL1Loss(beta=1.0 / 9.0),
+        pre_nms_topk_train=int(rpn._pre_nms_top_n["training"]),
+        post_nms_topk_train=int(rpn._post_nms_top_n["training"]),
+        pre_nms_topk_test=int(rpn._pre_nms_top_n["testing"]),
+        post_nms_topk_test=int(rpn._post_nms_top_n["testing"]),
+        nms_threshold=float(rpn.nms_thresh),
+        min_size=float(rpn.min_size),
+        score_threshold=float(rpn.score_thresh),
+    )
+
+
+def _box_head_spec(head: Any, in_channels: int, roi_size: int) -> specs.BoxHead:
+    where = "roi_heads.box_head"
+    if isinstance(head, tv_faster_rcnn.TwoMLPHead):
+        if head.fc6.in_features != in_channels * roi_size * roi_size:
+            raise _unsupported(where, f"fc6 reads {head.fc6.in_features} features")
+        return specs.BoxHead(kind="2fc", fc_channels=int(head.fc7.out_features))
+    if not isinstance(head, tv_faster_rcnn.FastRCNNConvFCHead):
+        raise _unsupported(
+            where, f"{type(head).__name__} (fdet converts TwoMLPHead and FastRCNNConvFCHead)"
+        )
+    layers = list(head)
+    convs = [m for m in layers if isinstance(m, nn.Sequential)]
+    rest = layers[len(convs) :]
+    shape = [type(m).__name__ for m in rest]
+    if shape != ["Flatten", "Linear", "ReLU"] or not convs:
+        raise _unsupported(where, f"{len(convs)} conv blocks then {shape}; fdet has 4conv1fc")
+    norms: set[specs.BatchNorm | None] = set()
+    channels: set[int] = set()
+    for i, block in enumerate(convs):
+        parts = list(block)
+        conv = parts[0]
+        if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)):
+            raise _unsupported(f"{where}.{i}", "not a 3×3 conv block")
+        middle = parts[1:-1]
+        if not middle:
+            norm = None
+        elif len(middle) == 1 and type(middle[0]) is nn.BatchNorm2d:
+            norm = specs.BatchNorm()
+        else:
+            raise _unsupported(f"{where}.{i}", f"{[type(m).__name__ for m in middle]} norm layers")
+        if (conv.bias is None) != (norm is not None):
+            raise _unsupported(f"{where}.{i}.0", "conv bias differs from fdet's (bias iff no norm)")
+        norms.add(norm)
+        channels.add(int(conv.out_channels))
+    if len(norms) != 1 or len(channels) != 1:
+        raise _unsupported(where, "conv blocks differ in norm or channels")
+    return specs.BoxHead(
+        kind="4conv1fc",
+        fc_channels=int(rest[1].out_features),
+        num_convs=len(convs),
+        conv_channels=channels.pop(),
+        norm=norms.pop(),
+    )
+
+
+def _roi_head_spec(
+    roi_heads: Any, feature_names: tuple[str, ...], levels: tuple[int, ...], in_channels: int
+) -> tuple[specs.RoIHead, int]:
+    """The RoI stage and the number of object classes (without the background)."""
+    if not isinstance(roi_heads, tv_roi_heads.RoIHeads):
+        raise _unsupported("roi_heads", f"{type(roi_heads).__name__} is not a RoIHeads")
+    if roi_heads.has_mask() or roi_heads.has_keypoint():
+        raise _unsupported("roi_heads", "mask or keypoint heads (fdet converts the box stage)")
+    pool = roi_heads.box_roi_pool
+    if not isinstance(pool, MultiScaleRoIAlign):
+        raise _unsupported("roi_heads.box_roi_pool", f"{type(pool).__name__}")
+    missing = [name for name in pool.featmap_names if name not in feature_names]
+    if missing:
+        raise _unsupported("roi_heads.box_roi_pool", f"feature maps {missing} do not exist")
+    roi_levels = tuple(levels[feature_names.index(name)] for name in pool.featmap_names)
+    height, width = pool.output_size
+    if height != width:
+        raise _unsupported("roi_heads.box_roi_pool", f"output size {pool.output_size}")
+    box_head = _box_head_spec(roi_heads.box_head, in_channels, int(height))
+    predictor = roi_heads.box_predictor
+    if not isinstance(predictor, tv_faster_rcnn.FastRCNNPredictor):
+        raise _unsupported("roi_heads.box_predictor", f"{type(predictor).__name__}")
+    num_outputs = int(predictor.cls_score.out_features)
+    if predictor.bbox_pred.out_features != 4 * num_outputs:
+        raise _unsupported("roi_heads.box_predictor", "deltas not one set per class")
+    spec = specs.RoIHead(
+        roi_align=specs.RoIAlign(
+            levels=roi_levels,
+            output_size=int(height),
+            sampling_ratio=int(pool.sampling_ratio),
+            canonical_scale=float(pool.canonical_scale),
+            canonical_level=int(pool.canonical_level),
+            aligned=False,
+        ),
+        box_head=box_head,
+        class_agnostic=False,
+        assigner=_matcher_spec(roi_heads.proposal_matcher, "roi_heads.proposal_matcher"),
+        add_gt_boxes=True,
+        sampler=_sampler_spec(roi_heads.fg_bg_sampler, "roi_heads.fg_bg_sampler"),
+        coder=_delta_coder_spec(roi_heads.box_coder, "roi_heads.box_coder"),
+        box_loss=specs.SmoothL1Loss(beta=1.0 / 9.0),
+        postprocess=specs.RoIPostprocess(
+            score_threshold=float(roi_heads.score_thresh),
+            nms_iou=float(roi_heads.nms_thresh),
+            max_detections=int(roi_heads.detections_per_img),
+            min_box_size=1e-2,
+        ),
+    )
+    return spec, num_outputs - 1
+
+
+def _faster_rcnn_spec(model: Any, batch_norm: BatchNormSpec | None) -> specs.FasterRCNN:
+    body = getattr(model.backbone, "body", None)
+    fpn = getattr(model.backbone, "fpn", None)
+    if body is None or fpn is None:
+        raise _unsupported("backbone", f"{type(model.backbone).__name__} is not a BackboneWithFPN")
+    backbone, levels = _resnet_spec(body, batch_norm)
+    neck, pooled, extra_names = _pooled_fpn_spec(fpn, levels, backbone.out_channels)
+    top = neck.out_levels[-1]
+    pyramid = neck.out_levels + tuple(top + i for i in range(1, pooled + 1))
+    stages = sorted(body.return_layers, key=lambda name: int(name[len("layer") :]))
+    names = tuple(str(body.return_layers[stage]) for stage in stages) + extra_names
+    if len(names) != len(pyramid):
+        raise _unsupported("backbone", f"feature maps {names} for pyramid levels {pyramid}")
+    roi_head, num_classes = _roi_head_spec(model.roi_heads, names, pyramid, neck.channels)
+    return specs.FasterRCNN(
+        num_classes=num_classes,
+        backbone=backbone,
+        neck=neck,
+        max_pool_levels=pooled,
+        rpn=_rpn_spec(model.rpn, pyramid),
+        roi_head=roi_head,
+        normalize=_normalize_spec(model),
+    )
+
+
 def spec_from_torchvision(
     model: nn.Module, *, batch_norm: BatchNormSpec | None = None
-) -> specs.RetinaNet | specs.FCOS:
-    """The :class:`fdet.specs.RetinaNet` of a torchvision ``RetinaNet`` instance, or the
-    :class:`fdet.specs.FCOS` of a torchvision ``FCOS`` instance.
+) -> specs.RetinaNet | specs.FCOS | specs.FasterRCNN:
+    """The :class:`fdet.specs.RetinaNet` of a torchvision ``RetinaNet`` instance, the
+    :class:`fdet.specs.FCOS` of an ``FCOS`` instance, or the :class:`fdet.specs.FasterRCNN` of
+    a ``FasterRCNN`` instance.
 
     RetinaNet: reads the backbone (ResNet depth, width, returned levels, frozen stages from
     ``requires_grad``, norm), the FPN (channels, extra levels from P5 or C5), the head (classes,
@@ -517,6 +760,15 @@ def spec_from_torchvision(
     strides; the center-sampling radius; the box coder's ``normalize_by_size``; the
     postprocess thresholds; focal and GIoU losses as torchvision computes them.
 
+    Faster R-CNN: the backbone, the FPN with its ``LastLevelMaxPool`` as
+    ``max_pool_levels=1``, and the normalization likewise; the RPN (head depth, anchors placed
+    as torchvision places them, matcher, sampler, box coder, top-k before and after NMS in
+    training and testing, NMS, minimum size, score threshold); the RoI stage (the pooled
+    levels, output size, sampling ratio and level rule of ``MultiScaleRoIAlign``, the box head
+    ``TwoMLPHead`` (``"2fc"``) or ``FastRCNNConvFCHead`` (``"4conv1fc"``), the classes of the
+    predictor, matcher, sampler, box coder and postprocess thresholds). Mask and keypoint heads
+    are not converted.
+
     ``batch_norm``: the backbone norm of the spec; by default that of the model
     (``BatchNorm2d`` → ``specs.BatchNorm()``, as in torchvision's untrained models;
     ``FrozenBatchNorm2d`` → ``specs.FrozenBatchNorm()``, as in its pretrained ones). Pass
@@ -524,12 +776,12 @@ def spec_from_torchvision(
 
     Raises:
         UnsupportedModelError: naming the part of the model fdet cannot express (e.g. a
-            non-ResNet backbone, ``LastLevelMaxPool``, a ``ciou`` loss).
+            non-ResNet backbone, a RetinaNet with ``LastLevelMaxPool``, a ``ciou`` loss).
     """
-    if not isinstance(model, tv_retinanet.RetinaNet | tv_fcos.FCOS):
+    if not isinstance(model, tv_retinanet.RetinaNet | tv_fcos.FCOS | tv_faster_rcnn.FasterRCNN):
         raise TypeError(
-            f"spec_from_torchvision takes a torchvision.models.detection.RetinaNet or FCOS, "
-            f"got {type(model).__name__}"
+            f"spec_from_torchvision takes a torchvision.models.detection.RetinaNet, FCOS or "
+            f"FasterRCNN, got {type(model).__name__}"
         )
     if batch_norm is not None and not isinstance(batch_norm, BatchNormSpec):
         raise TypeError(
@@ -538,6 +790,8 @@ def spec_from_torchvision(
         )
     if isinstance(model, tv_fcos.FCOS):
         return _fcos_spec(model, batch_norm)
+    if isinstance(model, tv_faster_rcnn.FasterRCNN):
+        return _faster_rcnn_spec(model, batch_norm)
     backbone, neck = _backbone_and_neck(model, batch_norm)
     head, per_location = _head_spec(model.head, neck.channels)
     anchors = _anchors_spec(model.anchor_generator, neck.out_levels)
@@ -592,9 +846,23 @@ def _rename_fcos(key: str) -> str | None:
     return None
 
 
-def _rename(key: str, *, fcos: bool = False) -> str | None:
+def _rename_faster_rcnn(key: str) -> str | None:
+    if key.startswith("rpn.head."):
+        return key
+    if key.startswith("roi_heads."):
+        renamed = rename_torchvision_keys({key[len("roi_heads.") :]: _NO_TENSOR})
+        return "roi_heads." + next(iter(renamed)) if renamed else None
+    for old, new in _RENAMES[:2]:  # backbone.body, backbone.fpn
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return None
+
+
+def _rename(key: str, *, fcos: bool = False, faster_rcnn: bool = False) -> str | None:
     if fcos:
         return _rename_fcos(key)
+    if faster_rcnn:
+        return _rename_faster_rcnn(key)
     for old, new in _RENAMES:
         if key.startswith(old):
             key = new + key[len(old) :]
@@ -610,9 +878,14 @@ def _is_fcos(state_dict: Mapping[str, Tensor]) -> bool:
     return any(key.startswith(_FCOS_MARKER) for key in state_dict)
 
 
+def _is_faster_rcnn(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(key.startswith(_FASTER_RCNN_MARKER) for key in state_dict)
+
+
 def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A torchvision RetinaNet or FCOS state dict with fdet's parameter names (FCOS is told
-    apart by its centerness predictor, ``head.regression_head.bbox_ctrness``).
+    """A torchvision RetinaNet, FCOS or Faster R-CNN state dict with fdet's parameter names
+    (FCOS is told apart by its centerness predictor, ``head.regression_head.bbox_ctrness``,
+    Faster R-CNN by its ``roi_heads.box_predictor``).
 
     ResNet and FPN names are torchvision's already (``backbone.body.*`` → ``backbone.*``,
     ``backbone.fpn.*`` → ``neck.*``); the head's are renamed:
@@ -625,6 +898,10 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
       ``head.cls_tower.{i}.0`` / ``.1`` and ``head.box_tower.{i}.0`` / ``.1``, ``….cls_logits``
       → ``head.cls_logits``, ``….bbox_reg`` → ``head.box_ltrb``, ``….bbox_ctrness`` →
       ``head.centerness``.
+    - Faster R-CNN: ``rpn.head.*`` unchanged; ``roi_heads.*`` as
+      :func:`fdet.models.detectors.two_stage.roi_heads.rename_torchvision_keys` renames them
+      (``box_head.fc6`` / ``fc7`` → ``box_head.fcs.0`` / ``.1``, the v2 head's numbered layers
+      → ``box_head.convs.{i}`` and ``box_head.fcs.{j}``, ``box_predictor.*`` unchanged).
 
     Tensors are shared, not copied.
 
@@ -632,10 +909,19 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
         KeyError: for keys that belong to no part fdet knows (nothing is dropped).
     """
     fcos = _is_fcos(state_dict)
+    faster_rcnn = _is_faster_rcnn(state_dict)
     out: dict[str, Tensor] = {}
     unknown = []
+    if faster_rcnn:  # the RoI heads' keys are renamed together (the v2 head counts its layers)
+        roi = {k[len(_ROI) :]: v for k, v in state_dict.items() if k.startswith(_ROI)}
+        renamed = rename_torchvision_keys(roi)
+        out.update({_ROI + k: v for k, v in renamed.items()})
+        if len(renamed) != len(roi):
+            unknown += [_ROI + k for k in roi if not k.startswith(("box_head.", "box_predictor."))]
     for key, value in state_dict.items():
-        new = _rename(key, fcos=fcos)
+        if faster_rcnn and key.startswith(_ROI):
+            continue
+        new = _rename(key, fcos=fcos, faster_rcnn=faster_rcnn)
         if new is None:
             unknown.append(key)
         else:
@@ -647,9 +933,10 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
 
 def load_torchvision(
     model: nn.Module, *, batch_norm: BatchNormSpec | None = None
-) -> RetinaNet | FCOS:
-    """An fdet :class:`~fdet.models.RetinaNet` or :class:`~fdet.models.FCOS` equal to the
-    torchvision RetinaNet or FCOS ``model``: its spec (:func:`spec_from_torchvision`), its
+) -> RetinaNet | FCOS | FasterRCNN:
+    """An fdet :class:`~fdet.models.RetinaNet`, :class:`~fdet.models.FCOS` or
+    :class:`~fdet.models.detectors.two_stage.faster_rcnn.FasterRCNN` equal to the torchvision
+    RetinaNet, FCOS or FasterRCNN ``model``: its spec (:func:`spec_from_torchvision`), its
     weights, its device, dtype and train/eval mode.
 
     fdet's batch norms use ``eps=1e-5``. A torchvision norm with another eps (its COCO v1 weights
@@ -659,13 +946,14 @@ def load_torchvision(
     spec = spec_from_torchvision(model, batch_norm=batch_norm)
     state = dict(state_dict_from_torchvision(model.state_dict()))
     fcos = isinstance(spec, specs.FCOS)
+    faster_rcnn = isinstance(spec, specs.FasterRCNN)
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d | FrozenBatchNorm2d) and module.eps != _FDET_NORM_EPS:
-            key = _rename(f"{name}.running_var", fcos=fcos)
+            key = _rename(f"{name}.running_var", fcos=fcos, faster_rcnn=faster_rcnn)
             if key is not None:
                 state[key] = state[key] + (module.eps - _FDET_NORM_EPS)
     detector = build(spec)
-    if not isinstance(detector, RetinaNet | FCOS):
+    if not isinstance(detector, RetinaNet | FCOS | FasterRCNN):
         raise TypeError(f"{type(spec).__name__} built a {type(detector).__name__}")
     detector.load_state_dict(state, strict=True)
     reference = next(iter(model.parameters()), None)

@@ -22,24 +22,33 @@ from typing import Any, Literal
 
 import attrs
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from fdet.ops.masks import paste_masks
 from fdet.ops.postprocess import Detections
 
 __all__ = [
+    "IOU_TYPES",
     "STAT_NAMES",
     "Backend",
     "CocoMetrics",
     "detections_to_coco",
+    "encode_masks",
     "evaluate_coco",
+    "evaluate_coco_types",
     "format_table",
+    "has_segmentations",
+    "masks_to_original",
 ]
 
 Backend = Literal["faster", "pycocotools"]
 IouType = Literal["bbox", "segm"]
+IOU_TYPES: tuple[IouType, ...] = ("bbox", "segm")
+"""The kinds of COCO evaluation, in the order they are reported: boxes, then masks."""
 
 STAT_NAMES: tuple[str, ...] = (
     "AP",
@@ -76,12 +85,50 @@ UNDEFINED = -1.0
 """The value of a stat with no ground truth in its range (COCO's convention)."""
 
 
+def masks_to_original(
+    masks: Bool[Tensor, "D H W"],
+    scale: tuple[float, float] | Sequence[float],
+    orig_size: tuple[int, int] | Sequence[int],
+) -> Bool[Tensor, "D h w"]:
+    """Masks over the network input mapped back to the original image of ``orig_size``
+    (height, width): original pixel ``(i, j)`` takes the input pixel under its centre,
+    ``(⌊(i + ½)·s_y⌋, ⌊(j + ½)·s_x⌋)`` (clamped to the input), with ``scale = (s_y, s_x)``
+    the factor from the original image to the input (``Batch.scales``). The padding of the
+    input is cut off; at scale 1 this is a crop. The nearest pixel rather than an
+    interpolation: the masks are binary already, and a pixel keeps the value it was pasted
+    with."""
+    sy, sx = float(scale[0]), float(scale[1])
+    h, w = int(orig_size[0]), int(orig_size[1])
+    height, width = masks.shape[-2:]
+    device = masks.device
+    rows = ((torch.arange(h, device=device, dtype=torch.float64) + 0.5) * sy).floor().long()
+    cols = ((torch.arange(w, device=device, dtype=torch.float64) + 0.5) * sx).floor().long()
+    rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+    return masks[:, rows][:, :, cols]  # [D, h, w]
+
+
+def encode_masks(masks: Bool[Tensor, "D h w"] | np.ndarray) -> list[dict[str, Any]]:
+    """COCO compressed RLEs of binary masks ``[D, h, w]``: ``{"size": [h, w], "counts": str}``
+    each (the counts as text, so the records are JSON), as pycocotools encodes them."""
+    array = masks.cpu().numpy() if isinstance(masks, Tensor) else np.asarray(masks)
+    if array.shape[0] == 0:
+        return []
+    fortran = np.asfortranarray(array.astype(np.uint8).transpose(1, 2, 0))  # [h, w, D]
+    rles = mask_utils.encode(fortran)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return list(rles)
+
+
 def detections_to_coco(
     detections: Detections,
     *,
     image_ids: Int[Tensor, " B"] | Sequence[int],
     scales: Float[Tensor, "B 2"] | Sequence[Sequence[float]],
     label_to_category_id: Sequence[int],
+    orig_sizes: Int[Tensor, "B 2"] | Sequence[Sequence[int]] | None = None,
+    mask_threshold: float = 0.5,
+    mask_padding: int = 1,
 ) -> list[dict[str, Any]]:
     """COCO result records of the valid detections of a batch, in original image pixels.
 
@@ -91,9 +138,19 @@ def detections_to_coco(
     ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``, in the order
     of the slots (image by image, by score descending). Labels index ``label_to_category_id``.
 
-    The whole batch is moved to the host in one transfer and converted with numpy.
+    Detections with ``masks`` add ``"segmentation"``, the compressed RLE
+    (:func:`encode_masks`) of each mask in the original image; that needs ``orig_sizes[b]``,
+    the (height, width) of image ``b`` on disk (the ground truth's image entry). Boolean image
+    masks ``[B, N, H, W]`` are mapped back (:func:`masks_to_original`); float box-frame
+    probabilities ``[B, N, m, m]`` are pasted at the original size on the boxes in original
+    pixels and binarized at ``> mask_threshold`` (:func:`fdet.ops.masks.paste_masks` with
+    ``mask_padding``), exactly as torchvision's Mask R-CNN and its evaluation do.
+
+    The boxes, scores and labels of the whole batch are moved to the host in one transfer and
+    converted with numpy; masks are mapped back on their device, then moved image by image.
     """
-    boxes, scores, labels, valid = detections
+    boxes, scores, labels, valid = detections[:4]
+    masks = getattr(detections, "masks", None)
     packed = torch.cat(
         (
             boxes.double(),
@@ -130,12 +187,67 @@ def detections_to_coco(
     x1, y1 = rows[:, 0] / sx, rows[:, 1] / sy
     x2, y2 = rows[:, 2] / sx, rows[:, 3] / sy
     xywh = np.stack((x1, y1, x2 - x1, y2 - y1), axis=1)  # [D, 4]
-    return [
+    records = [
         {"image_id": i, "category_id": c, "bbox": b, "score": s}
         for i, c, b, s in zip(
             ids[image_index].tolist(), lut[label].tolist(), xywh.tolist(), rows[:, 4].tolist()
         )
     ]
+    if masks is not None:
+        rles = _mask_records(
+            masks, boxes, valid, scale, orig_sizes, num_images, mask_threshold, mask_padding
+        )
+        for record, rle in zip(records, rles, strict=True):
+            record["segmentation"] = rle
+    return records
+
+
+def _mask_records(
+    masks: Tensor,
+    boxes: Tensor,
+    valid: Tensor,
+    scale: np.ndarray,
+    orig_sizes: Int[Tensor, "B 2"] | Sequence[Sequence[int]] | None,
+    num_images: int,
+    threshold: float,
+    padding: int,
+) -> list[dict[str, Any]]:
+    """The RLE of every valid detection's mask, image by image, slots in order."""
+    if orig_sizes is None:
+        raise ValueError(
+            "detections_to_coco: the detections have masks; orig_sizes (the height and width "
+            "of each original image) are needed to map them back"
+        )
+    sizes = np.asarray(torch.as_tensor(orig_sizes).cpu(), dtype=np.int64).reshape(-1, 2)
+    if sizes.shape[0] != num_images or masks.shape[:2] != valid.shape:
+        raise ValueError(
+            f"detections_to_coco: masks {tuple(masks.shape)} for valid {tuple(valid.shape)} "
+            f"and {sizes.shape[0]} orig_sizes"
+        )
+    pasted = masks.is_floating_point()
+    out: list[dict[str, Any]] = []
+    for b in range(num_images):  # the host's RLE encoding goes image by image anyway
+        keep = valid[b].to(masks.device)
+        kept = masks[b][keep]  # [D_b, H, W] or [D_b, m, m]
+        if not kept.shape[0]:
+            continue
+        if pasted:
+            sy, sx = float(scale[b, 0]), float(scale[b, 1])
+            factor = torch.tensor([sx, sy, sx, sy], dtype=torch.float64, device=masks.device)
+            orig_boxes = (
+                boxes[b][keep.to(boxes.device)].to(masks.device).double() / factor
+            ).float()
+            image_masks = paste_masks(
+                kept[None],
+                orig_boxes[None],
+                (int(sizes[b, 0]), int(sizes[b, 1])),
+                padding=padding,
+                threshold=threshold,
+            )[0]
+        else:
+            image_masks = masks_to_original(kept.bool(), scale[b], sizes[b])
+        out.extend(encode_masks(image_masks))
+    return out
 
 
 def _per_class_converter(value: Mapping[str, float]) -> dict[str, float]:
@@ -332,6 +444,11 @@ def evaluate_coco(
     no images to evaluate give ``-1`` everywhere. Results naming an image or category absent from
     the ground truth, or lacking a field, raise ``ValueError``. ``results`` is not modified.
     The backends' progress output is silenced.
+
+    ``iou_type="segm"`` evaluates the results' ``"segmentation"`` (compressed RLEs, as
+    :func:`detections_to_coco` writes them) against the ground truth's polygons or RLEs (crowd
+    regions included, as COCO treats them); a result's box is not used, its area is its
+    mask's. Every ground-truth annotation needs a segmentation (:func:`has_segmentations`).
     """
     gt = _gt_api(coco_gt, backend)
     if image_ids is None:
@@ -344,8 +461,18 @@ def evaluate_coco(
                 f"evaluate_coco: image_ids absent from the ground truth: {sorted(unknown)[:10]}"
             )
     _check_results(results, gt, iou_type)
+    if iou_type == "segm" and not has_segmentations(gt):
+        raise ValueError(
+            "evaluate_coco: iou_type 'segm' needs a segmentation (polygons or RLE) on every "
+            "ground-truth annotation"
+        )
     wanted = set(eval_ids)
-    kept = [dict(r) for r in results if r["image_id"] in wanted]
+    if iou_type == "segm":  # areas and boxes from the masks, as pycocotools derives them
+        kept = [
+            {k: v for k, v in r.items() if k != "bbox"} for r in results if r["image_id"] in wanted
+        ]
+    else:
+        kept = [dict(r) for r in results if r["image_id"] in wanted]
     if not eval_ids:
         return CocoMetrics.from_stats([UNDEFINED] * len(STAT_NAMES))
 
@@ -374,16 +501,61 @@ def evaluate_coco(
     )
 
 
+def has_segmentations(coco_gt: Any) -> bool:
+    """Whether every annotation of a ground truth (a ``COCO`` or its ``dataset`` dict) has a
+    non-empty segmentation, polygons or RLE: what mask evaluation needs. No annotations:
+    False."""
+    dataset = coco_gt.dataset if hasattr(coco_gt, "dataset") else coco_gt
+    annotations = dataset.get("annotations", []) if isinstance(dataset, dict) else []
+    return bool(annotations) and all(
+        isinstance(a, dict) and bool(a.get("segmentation")) for a in annotations
+    )
+
+
+def evaluate_coco_types(
+    coco_gt: COCO | str | Path,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    backend: Backend = "faster",
+    image_ids: Iterable[int] | None = None,
+    iou_types: Sequence[IouType] | None = None,
+) -> dict[str, CocoMetrics]:
+    """:func:`evaluate_coco` once for each of ``iou_types``, keyed ``"bbox"`` / ``"segm"``.
+
+    By default: ``"bbox"``, and ``"segm"`` too when some result has a ``"segmentation"`` and
+    the ground truth has segmentations (:func:`has_segmentations`). A path is loaded once.
+    """
+    if isinstance(coco_gt, (str, Path)):
+        coco_gt = _gt_api(coco_gt, backend)
+    types: Sequence[IouType]
+    if iou_types is None:
+        with_masks = any("segmentation" in r for r in results)
+        types = ("bbox", "segm") if with_masks and has_segmentations(coco_gt) else ("bbox",)
+    else:
+        types = iou_types
+    unknown = [t for t in types if t not in IOU_TYPES]
+    if unknown:
+        raise ValueError(f"evaluate_coco_types: iou_types must be among {IOU_TYPES}, got {unknown}")
+    return {
+        t: evaluate_coco(coco_gt, results, backend=backend, image_ids=image_ids, iou_type=t)
+        for t in types
+    }
+
+
 def _value(x: float) -> str:
     return "  n/a" if x < 0 or math.isnan(x) else f"{x:.3f}"
 
 
-def format_table(metrics: CocoMetrics, *, per_class: bool = True, columns: int = 3) -> str:
+def format_table(
+    metrics: CocoMetrics, *, per_class: bool = True, columns: int = 3, iou_type: str | None = None
+) -> str:
     """The 12 stats, one a line with their IoU, area and max-detections settings, then (with
     ``per_class``) the per-class AP@[.5:.95] in ``columns`` column pairs. ``n/a`` marks a stat
-    without ground truth."""
+    without ground truth. ``iou_type`` (``"bbox"``, ``"segm"``) names the evaluation in the
+    first line."""
+    kind = f"COCO {iou_type} evaluation" if iou_type else "COCO evaluation"
     lines = [
-        f"COCO evaluation: {metrics.num_images} images, {metrics.num_detections} detections",
+        f"{kind}: {metrics.num_images} images, {metrics.num_detections} detections",
         f"{'metric':<7} {'IoU':<10} {'area':<7} {'maxDets':>7}  {'value':>5}",
     ]
     for name, (iou, area, max_dets), value in zip(STAT_NAMES, _STAT_SETTINGS, metrics.stats):

@@ -10,10 +10,23 @@ import torch
 from torch import Tensor
 
 from fdet.data.sample import Batch
-from fdet.eval.coco import Backend, CocoMetrics, detections_to_coco, evaluate_coco
+from fdet.eval.coco import (
+    Backend,
+    CocoMetrics,
+    IouType,
+    detections_to_coco,
+    evaluate_coco_types,
+)
 from fdet.ops.postprocess import Detections
 
-__all__ = ["CocoSource", "Predictions", "Predictor", "evaluate_model", "predict_coco"]
+__all__ = [
+    "CocoSource",
+    "Predictions",
+    "Predictor",
+    "evaluate_model",
+    "evaluate_model_types",
+    "predict_coco",
+]
 
 
 class Predictor(Protocol):
@@ -60,7 +73,8 @@ def predict_coco(
 
     The model runs in eval mode under ``torch.inference_mode()`` (its previous mode is restored
     afterwards). Detections become COCO records in original image pixels (``batch.scales``,
-    ``batch.image_ids``, and ``label_to_category_id``: the category id of each of the model's
+    ``batch.image_ids``, the image sizes of ``dataset.coco`` for masks, and
+    ``label_to_category_id``: the category id of each of the model's
     labels, by default ``dataset.label_to_category_id``; see :mod:`fdet.eval.classes` for a
     mapping by class name). With ``max_images``, it stops after that many images (the last
     batch is cut). With ``with_loss`` the model's loss terms are
@@ -111,12 +125,24 @@ def predict_coco(
                         image_ids=batch.image_ids,
                         scales=batch.scales,
                         label_to_category_id=lut,
+                        orig_sizes=_orig_sizes(dataset, batch, detections),
                     )
                 )
                 seen.extend(int(i) for i in batch.image_ids.tolist())
     finally:
         model.train(was_training)
     return Predictions(results, seen, sums)
+
+
+def _orig_sizes(
+    dataset: CocoSource, batch: Batch, detections: Detections
+) -> list[list[int]] | None:
+    """The (height, width) on disk of each image of the batch, from the ground truth's image
+    entries, when the detections have masks to map back (else None)."""
+    if getattr(detections, "masks", None) is None:
+        return None
+    images = dataset.coco.imgs
+    return [[images[i]["height"], images[i]["width"]] for i in batch.image_ids.tolist()]
 
 
 def _head(value: Any, count: int) -> Any:
@@ -133,7 +159,34 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     label_to_category_id: Sequence[int] | None = None,
 ) -> tuple[CocoMetrics, list[dict[str, Any]]]:
-    """COCO metrics of ``model`` on the batches of ``loader``, and the results they came from.
+    """COCO box metrics of ``model`` on the batches of ``loader``, and the results they came
+    from: the ``"bbox"`` part of :func:`evaluate_model_types`."""
+    by_type, results = evaluate_model_types(
+        model,
+        loader,
+        dataset,
+        max_images=max_images,
+        backend=backend,
+        device=device,
+        label_to_category_id=label_to_category_id,
+        iou_types=("bbox",),
+    )
+    return by_type["bbox"], results
+
+
+def evaluate_model_types(
+    model: Predictor,
+    loader: Iterable[Batch],
+    dataset: CocoSource,
+    *,
+    max_images: int | None = None,
+    backend: Backend = "faster",
+    device: torch.device | str = "cpu",
+    label_to_category_id: Sequence[int] | None = None,
+    iou_types: Sequence[IouType] | None = None,
+) -> tuple[dict[str, CocoMetrics], list[dict[str, Any]]]:
+    """COCO metrics of ``model`` on the batches of ``loader`` keyed by evaluation type, and the
+    results they came from.
 
     The model runs in eval mode under ``torch.inference_mode()`` (its previous mode is restored
     afterwards) on ``batch.images`` and ``batch.image_sizes`` moved to ``device``
@@ -142,7 +195,9 @@ def evaluate_model(
     many images (the last batch is cut). ``label_to_category_id`` gives the category id of each
     of the model's labels (default: ``dataset.label_to_category_id``, right when the model was
     trained on data with the same category ids; :func:`fdet.eval.classes.category_ids_by_name`
-    matches them by name otherwise).
+    matches them by name otherwise). ``iou_types`` (default: ``"bbox"``, and ``"segm"`` when
+    the model predicts masks and the ground truth has segmentations) are passed to
+    :func:`fdet.eval.coco.evaluate_coco_types`.
     """
     predictions = predict_coco(
         model,
@@ -152,7 +207,11 @@ def evaluate_model(
         max_images=max_images,
         label_to_category_id=label_to_category_id,
     )
-    metrics = evaluate_coco(
-        dataset.coco, predictions.results, backend=backend, image_ids=predictions.image_ids
+    metrics = evaluate_coco_types(
+        dataset.coco,
+        predictions.results,
+        backend=backend,
+        image_ids=predictions.image_ids,
+        iou_types=iou_types,
     )
     return metrics, predictions.results

@@ -38,12 +38,21 @@ __all__ = [
 
 
 class Detections(NamedTuple):
-    """``N`` detection slots per image; valid ones first, by score descending."""
+    """``N`` detection slots per image; valid ones first, by score descending.
+
+    ``masks``: instance masks of detectors that predict them (Mask R-CNN), else None. Either
+    boolean ``[B, N, H, W]`` over the padded input (the pixels of ``boxes``), False on padded
+    slots and outside each image: binary rather than probabilities, one byte a pixel, what
+    drawing uses; or, told apart by their float dtype, mask probabilities ``[B, N, m, m]`` in
+    each box's frame, not yet pasted (``fdet.ops.masks.paste_masks`` pastes them; evaluation
+    does, at each original image's size).
+    """
 
     boxes: Float[Tensor, "B N 4"]
     scores: Float[Tensor, "B N"]
     labels: Int[Tensor, "B N"]
     valid: Bool[Tensor, "B N"]
+    masks: Bool[Tensor, "B N H W"] | Float[Tensor, "B N m m"] | None = None
 
 
 class Candidates(NamedTuple):

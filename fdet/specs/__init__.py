@@ -34,9 +34,12 @@ from fdet.specs.losses import (
     SigmoidFocalLoss,
     SmoothL1Loss,
 )
+from fdet.specs.mask import MaskHead
 from fdet.specs.necks import FPN
 from fdet.specs.norms import BatchNorm, FrozenBatchNorm, GroupNorm, Norm
 from fdet.specs.overrides import apply_overrides, parse_override
+from fdet.specs.roi import BoxHead, RoIAlign, RoIHead, RoIPostprocess
+from fdet.specs.rpn import RPN, Sampler
 from fdet.specs.schedules import (
     ConstantDecay,
     ConstantWarmup,
@@ -50,6 +53,7 @@ from fdet.specs.schedules import (
 )
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
 from fdet.specs.train import EMA, SGD, AdamW, Experiment, Optimizer, ParamGroups
+from fdet.specs.two_stage import FasterRCNN
 
 __all__ = [
     "ATSS",
@@ -57,6 +61,7 @@ __all__ = [
     "FCOS",
     "FPN",
     "GFL",
+    "RPN",
     "SCHEMA_VERSION",
     "SGD",
     "ATSSAssigner",
@@ -64,6 +69,7 @@ __all__ = [
     "AdamW",
     "Anchors",
     "BatchNorm",
+    "BoxHead",
     "BoxLoss",
     "CenterNet",
     "CenterNetHead",
@@ -83,6 +89,7 @@ __all__ = [
     "Experiment",
     "FCOSAssigner",
     "FCOSHead",
+    "FasterRCNN",
     "FrozenBatchNorm",
     "GFLHead",
     "GIoULoss",
@@ -91,6 +98,7 @@ __all__ = [
     "HeatmapFocalLoss",
     "L1Loss",
     "LinearWarmup",
+    "MaskHead",
     "MaxIoUAssigner",
     "Norm",
     "Normalize",
@@ -102,6 +110,10 @@ __all__ = [
     "ResNet",
     "RetinaHead",
     "RetinaNet",
+    "RoIAlign",
+    "RoIHead",
+    "RoIPostprocess",
+    "Sampler",
     "Schedule",
     "ShapesData",
     "SigmoidFocalLoss",

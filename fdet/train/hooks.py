@@ -376,7 +376,7 @@ def write_prediction_grid(
     samples = [dataset[i] for i in range(min(count, len(dataset)))]
     batch = collate(samples, pad_divisor=32)
     det = model.predict(batch.images.to(device), batch.image_sizes.to(device))
-    det = det._replace(**{k: v.cpu() for k, v in det._asdict().items()})
+    det = det._replace(**{k: v.cpu() for k, v in det._asdict().items() if v is not None})
     preds = [
         (det.boxes[b][det.valid[b]], det.labels[b][det.valid[b]], det.scores[b][det.valid[b]])
         for b in range(len(samples))

@@ -398,7 +398,7 @@ class FakeModel(nn.Module):
         assert torch.is_inference_mode_enabled()
         self.calls.append(tuple(images.shape))
         answer = self.answers.pop(0)
-        return Detections(*(t[: images.shape[0]] for t in answer))
+        return Detections(*(None if t is None else t[: images.shape[0]] for t in answer))
 
 
 def make_batches(

@@ -128,9 +128,25 @@ LEAF_SPECS = [
     specs.CenterNetPostprocess,
     specs.GaussianRadius,
     specs.HeatmapFocalLoss,
+    # the two-stage family's parts
+    specs.RPN,
+    specs.Sampler,
+    specs.RoIAlign,
+    specs.BoxHead,
+    specs.RoIPostprocess,
+    specs.RoIHead,
+    specs.MaskHead,
 ]
 # drawn with valid parts in the tests below (RetinaNet, Experiment) and in each family's tests
-ROOT_SPECS = [specs.RetinaNet, specs.Experiment, specs.FCOS, specs.ATSS, specs.GFL, specs.CenterNet]
+ROOT_SPECS = [
+    specs.RetinaNet,
+    specs.Experiment,
+    specs.FCOS,
+    specs.ATSS,
+    specs.GFL,
+    specs.CenterNet,
+    specs.FasterRCNN,
+]
 
 
 def test_every_spec_class_is_covered() -> None:

@@ -21,6 +21,7 @@ FAMILIES = [
     ("atss_r18_fpn.py", specs.ATSS, {"cls", "box", "centerness"}),
     ("gfl_r18_fpn.py", specs.GFL, {"cls", "box", "dfl"}),
     ("centernet_r18.py", specs.CenterNet, {"heatmap", "size", "offset"}),
+    ("faster_rcnn_r18_fpn.py", specs.FasterRCNN, {"rpn_cls", "rpn_box", "roi_cls", "roi_box"}),
 ]
 
 

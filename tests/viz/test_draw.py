@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from fdet.viz import PALETTE, draw_boxes, label_color, prediction_grid
+from fdet.viz.draw import draw_masks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ("cat", "dog", "bird")
@@ -142,3 +143,76 @@ def test_prediction_grid_overwrites_atomically_and_checks_lengths(tmp_path: Path
     assert _read(path).shape[0] > 100
     with pytest.raises(ValueError, match="2 images, 1 predictions"):
         prediction_grid(images[:2], predictions[:1], gt[:2], names=NAMES, path=path)
+
+
+# --- masks ----------------------------------------------------------------------------------
+
+
+def test_draw_masks_blends_inside_and_leaves_outside_alone() -> None:
+    image = noise_image(40, 50)
+    masks = torch.zeros(2, 48, 56, dtype=torch.bool)  # a padded input's masks
+    masks[0, 5:15, 5:20] = True
+    masks[1, 20:30, 30:45] = True
+    masks[1, 42:, :] = True  # in the padding: not the image's
+    out = draw_masks(image, masks, labels=torch.tensor([0, 3]), alpha=0.5)
+    inside = masks[:, :40, :50].any(0)
+    assert (out != image).any(0)[inside].float().mean() > 0.95
+    assert torch.equal(out[:, ~inside], image[:, ~inside])
+    # (1 - alpha) · pixel + alpha · color, in the label's color.
+    expected = (0.5 * image[:, 25, 35].float() + 0.5 * torch.tensor(label_color(3))).round()
+    assert (out[:, 25, 35].float() - expected).abs().max() <= 1
+    assert torch.equal(draw_masks(image, masks[:0]), image)
+    with pytest.raises(ValueError, match="h >= 40"):
+        draw_masks(image, torch.zeros(1, 30, 50, dtype=torch.bool))
+
+
+def test_draw_boxes_with_masks_fills_the_mask_and_outlines_the_box() -> None:
+    image = noise_image(60, 60)
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    masks = torch.zeros(1, 60, 60, dtype=torch.bool)
+    masks[0, 20:30, 20:30] = True
+    plain = draw_boxes(image, boxes, colors=(255, 0, 0))
+    filled = draw_boxes(image, boxes, colors=(255, 0, 0), masks=masks)
+    assert not torch.equal(filled[:, 20:30, 20:30], image[:, 20:30, 20:30])  # the mask
+    assert torch.equal(filled[:, 32:38, 32:38], image[:, 32:38, 32:38])  # in the box, not mask
+    assert filled[:, 25, 10].tolist() == [255, 0, 0] == plain[:, 25, 10].tolist()  # the edge
+    assert torch.equal(filled[:, :, 45:], image[:, :, 45:])
+    with pytest.raises(ValueError, match="1 boxes but 2 masks"):
+        draw_boxes(image, boxes, masks=masks.repeat(2, 1, 1))
+
+
+def test_prediction_grid_draws_masks_of_predictions_and_ground_truth(tmp_path: Path) -> None:
+    images, predictions, gt = _grid_inputs()
+
+    def box_masks(boxes: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        masks = torch.zeros(len(boxes), h + 8, w + 8, dtype=torch.bool)  # padded
+        for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
+            masks[k, y1:y2, x1:x2] = True
+        return masks
+
+    gt_masks = [(b, lab, box_masks(b, im)) for (b, lab), im in zip(gt, images)]
+    pred_masks = [(b, lab, s, box_masks(b, im)) for (b, lab, s), im in zip(predictions, images)]
+    plain = _read(
+        prediction_grid(images, predictions, gt, names=NAMES, path=tmp_path / "a.png", cell_size=96)
+    )
+    with_masks = _read(
+        prediction_grid(
+            images, pred_masks, gt_masks, names=NAMES, path=tmp_path / "b.png", cell_size=96
+        )
+    )
+    assert plain.shape == with_masks.shape
+    assert (plain != with_masks).any(-1).sum() > 500
+
+
+def test_box_frame_probabilities_are_pasted_on_their_boxes() -> None:
+    image = noise_image(60, 60)
+    boxes = torch.tensor([[10.0, 20.0, 40.0, 50.0]])
+    probs = torch.ones(1, 28, 28)  # the whole box (and its padding, partly)
+    drawn = draw_boxes(image, boxes, colors=(0, 0, 255), masks=probs, width=1)
+    pasted = torch.zeros(1, 60, 60, dtype=torch.bool)
+    pasted[0, 20:50, 10:40] = True
+    expected = draw_boxes(image, boxes, colors=(0, 0, 255), masks=pasted, width=1)
+    assert torch.equal(drawn[:, 22:48, 12:38], expected[:, 22:48, 12:38])
+    assert torch.equal(drawn[:, :, 45:], image[:, :, 45:])
+    assert torch.equal(drawn[:, :15], image[:, :15])

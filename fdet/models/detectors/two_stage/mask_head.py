@@ -1,0 +1,250 @@
+"""The mask head of Mask R-CNN (He et al. 2017): a small fully convolutional network on each
+RoI's pooled features predicting one ``m × m`` mask logit map per class; its training RoIs,
+loss term and postprocess as pure functions of a padded batch.
+
+    rois = mask_training_rois(sampled.boxes, sampled.labels - 1, sampled.gt_index,
+                              sampled.valid & (sampled.labels > 0), max_rois=spec.max_rois)
+    logits = head(pool(features, rois.boxes))                    # [B, P, K, m, m]
+    terms = {"mask": mask_loss_term(logits, batch.gt_masks, rois, weight=spec.loss_weight)}
+    logits = head(pool(features, detections.boxes))              # [B, N, K, m, m]
+    detections = mask_postprocess(logits, detections, image_sizes, spec=spec)  # .masks
+
+Pooling (RoI Align of ``spec.roi_align`` over the pyramid) is the detector's: the head takes
+pooled features ``[..., C, p, p]`` and returns logits ``[..., K, 2p, 2p]``.
+
+**Classes.** Channel ``k`` of the logits is fdet's label ``k`` (``0..K-1``), the label of the
+detections and of the data. torchvision's predictor has ``K + 1`` channels, channel 0 for the
+background (never trained: only positive RoIs reach the loss, with classes ``1..K``); its
+channel ``k + 1`` is fdet's ``k``, and :func:`rename_torchvision_keys` drops its channel 0. The
+RoI sampler's classifier targets (``SampledRoIs.labels``, ``1 + gt label`` for positives) are
+turned into mask channels by subtracting 1.
+
+Parameter names: ``convs.{i}.0`` / ``convs.{i}.1`` (conv, norm), ``upsample`` (the transposed
+conv) and ``logits``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int, Shaped
+from torch import Tensor, nn
+
+from fdet import specs
+from fdet.models.detectors.base import Term
+from fdet.models.layers import NormLayer, norm_factory
+from fdet.ops.masks import mask_loss, mask_targets, paste_masks, select_mask_channel
+from fdet.ops.masks import take_positive_rois as _take_positive_rois
+from fdet.ops.postprocess import Detections
+from fdet.registry import register
+
+__all__ = [
+    "MaskHead",
+    "MaskRoIs",
+    "build_mask_head",
+    "mask_loss_term",
+    "mask_postprocess",
+    "mask_training_rois",
+    "rename_torchvision_keys",
+]
+
+_SPEC = specs.MaskHead()
+
+
+class MaskHead(nn.Module):
+    """``num_convs`` 3×3 convs of ``channels`` (dilation ``dilation``; ``norm`` after each,
+    the conv without bias when there is one) with ReLU, a 2×2 stride-2 transposed conv with
+    ReLU, and a 1×1 conv to ``num_classes`` mask logits: torchvision's ``MaskRCNNHeads`` and
+    ``MaskRCNNPredictor`` less the background channel.
+
+    ``forward(pooled [..., C, p, p]) -> [..., K, 2p, 2p]`` over any leading dims (``[B, R]``
+    or ``[B·R]``). Weights start as torchvision's: Kaiming normal (fan out, ReLU), zero
+    biases.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        num_convs: int = 4,
+        channels: int = 256,
+        dilation: int = 1,
+        norm: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        make_norm = None if norm is None else norm_factory(norm)
+        layers: list[nn.Module] = []
+        width = in_channels
+        for _ in range(num_convs):
+            block: list[nn.Module] = [
+                nn.Conv2d(
+                    width,
+                    channels,
+                    3,
+                    padding=dilation,
+                    dilation=dilation,
+                    bias=make_norm is None,
+                )
+            ]
+            if make_norm is not None:
+                block.append(make_norm(channels))
+            block.append(nn.ReLU(inplace=True))
+            layers.append(nn.Sequential(*block))
+            width = channels
+        self.convs = nn.Sequential(*layers)
+        self.upsample = nn.ConvTranspose2d(width, channels, 2, stride=2)
+        self.logits = nn.Conv2d(channels, num_classes, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, pooled: Float[Tensor, "*R C p p"]) -> Float[Tensor, "*R K 2p 2p"]:
+        leading = pooled.shape[:-3]
+        x = pooled.reshape(-1, *pooled.shape[-3:])  # [R, C, p, p]
+        x = self.convs(x)
+        x = torch.relu(self.upsample(x))  # [R, C', 2p, 2p]
+        x = self.logits(x)  # [R, K, 2p, 2p]
+        return x.reshape(*leading, *x.shape[-3:])
+
+
+@register(specs.MaskHead)
+def build_mask_head(spec: specs.MaskHead, *, in_channels: int, num_classes: int) -> MaskHead:
+    """``in_channels``: the neck's channels; ``num_classes``: the detector's ``K``."""
+    return MaskHead(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        num_convs=spec.num_convs,
+        channels=spec.channels,
+        dilation=spec.dilation,
+        norm=spec.norm,
+    )
+
+
+class MaskRoIs(NamedTuple):
+    """The RoIs the mask branch trains on: ``P`` slots an image, positives first."""
+
+    boxes: Float[Tensor, "B P 4"]
+    labels: Int[Tensor, "B P"]  # mask channels 0..K-1
+    gt_index: Int[Tensor, "B P"]  # the matched gt slot
+    positive: Bool[Tensor, "B P"]  # False: padding (or a negative RoI when max_rois is None)
+
+
+def mask_training_rois(
+    boxes: Float[Tensor, "B S 4"],
+    labels: Int[Tensor, "B S"],
+    gt_index: Int[Tensor, "B S"],
+    positive: Bool[Tensor, "B S"],
+    *,
+    max_rois: int | None = _SPEC.max_rois,
+) -> MaskRoIs:
+    """The sampled RoIs that the mask branch learns from.
+
+    ``labels`` are mask channels ``0..K-1`` (``SampledRoIs.labels - 1``), ``positive`` the
+    positive RoIs (``SampledRoIs.labels > 0``). With ``max_rois`` the first ``min(max_rois,
+    S)`` positives of each image are gathered into as many slots
+    (:func:`fdet.ops.masks.take_positive_rois`), so the head runs on those only; with None
+    every slot is kept as it is.
+    """
+    if max_rois is None:
+        return MaskRoIs(boxes, labels, gt_index, positive)
+    taken = _take_positive_rois(positive, max_rois=max_rois)
+    index = taken.roi_index  # [B, P]
+    return MaskRoIs(
+        boxes=boxes.gather(1, index[..., None].expand(-1, -1, 4)),
+        labels=labels.gather(1, index),
+        gt_index=gt_index.gather(1, index),
+        positive=taken.valid,
+    )
+
+
+def mask_loss_term(
+    mask_logits: Float[Tensor, "B P K m m"],
+    gt_masks: Shaped[Tensor, "B M H W"],
+    rois: MaskRoIs,
+    *,
+    weight: float = _SPEC.loss_weight,
+) -> Term:
+    """The ``"mask"`` term: per-class BCE of each positive RoI's class channel against its
+    RoI-aligned gt mask (:func:`fdet.ops.masks.mask_targets`, :func:`fdet.ops.masks.mask_loss`),
+
+        L_mask = Σ_{r positive} Σ_{i,j} BCE(x_r[k_r, i, j], t_r[i, j]) / (num_pos · m²),
+
+    as a term whose total is the sum and whose count is ``num_pos · m²``: the mean over the
+    positives' pixels, torchvision's ``maskrcnn_loss``. ``gt_masks`` are the batch's padded
+    masks (``Batch.gt_masks``) in the input's pixels.
+    """
+    size = mask_logits.shape[-1]
+    targets = mask_targets(gt_masks, rois.boxes, rois.gt_index, size=size)  # [B, P, m, m]
+    per_roi = mask_loss(mask_logits, targets, rois.labels, rois.positive)  # [B, P]
+    count = rois.positive.sum().to(per_roi.dtype) * (size * size)
+    return Term(per_roi.sum(), count, float(weight))
+
+
+def mask_postprocess(
+    mask_logits: Float[Tensor, "B N K m m"],
+    detections: Detections,
+    image_sizes: Int[Tensor, "B 2"] | Float[Tensor, "B 2"],
+    *,
+    padded_size: tuple[int, int],
+    threshold: float = _SPEC.threshold,
+    padding: int = _SPEC.paste_padding,
+    paste: bool = True,
+) -> Detections:
+    """``detections`` with their ``masks``: the logit map of each detection's label, its
+    sigmoid pasted at its box into the ``padded_size`` (H, W) input
+    (:func:`fdet.ops.masks.paste_masks`) and binarized at ``> threshold``.
+
+    A mask is False outside its image's ``image_sizes`` (height, width) and everywhere on
+    padded detection slots: ``masks`` is boolean ``[B, N, H, W]`` in the input's pixels,
+    aligned with ``detections.boxes``.
+
+    ``paste=False`` stops before pasting: ``masks`` are then the float probabilities
+    ``[B, N, m, m]`` in each box's frame (0 on padded slots), ``H · W / m²`` times smaller;
+    evaluation pastes them at each original image's size, as torchvision does
+    (:func:`fdet.eval.detections_to_coco`), which pasting at the input's size and mapping
+    back cannot reproduce exactly (docs/masks.md).
+    """
+    height, width = padded_size
+    probs = torch.sigmoid(select_mask_channel(mask_logits, detections.labels).float())
+    if not paste:
+        valid = detections.valid[..., None, None]
+        return detections._replace(masks=torch.where(valid, probs, torch.zeros_like(probs)))
+    masks = paste_masks(
+        probs, detections.boxes, (height, width), padding=padding, threshold=threshold
+    )  # [B, N, H, W]
+    sizes = torch.as_tensor(image_sizes, device=masks.device)
+    rows = torch.arange(height, device=masks.device) < sizes[:, :1]  # [B, H]
+    cols = torch.arange(width, device=masks.device) < sizes[:, 1:]  # [B, W]
+    inside = rows[:, None, :, None] & cols[:, None, None, :]  # [B, 1, H, W]
+    masks = masks & inside & detections.valid[..., None, None]
+    return detections._replace(masks=masks)
+
+
+_CONV_KEY = re.compile(r"^mask_head\.(\d+)\.(\d+)\.(.+)$")
+_OLD_CONV_KEY = re.compile(r"^mask_head\.mask_fcn(\d+)\.(weight|bias)$")
+
+
+def rename_torchvision_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision's mask parameters (the keys under ``roi_heads.``) renamed for
+    :class:`MaskHead`: ``mask_head.{i}.{j}.*`` (``MaskRCNNHeads``: conv, norm) and its older
+    ``mask_head.mask_fcn{i+1}.*`` → ``convs.{i}.{j}.*``; ``mask_predictor.conv5_mask.*`` →
+    ``upsample.*``; ``mask_predictor.mask_fcn_logits.*`` → ``logits.*`` without its first
+    (background) channel. Keys of other parts are left out."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if m := _CONV_KEY.match(key):
+            out[f"convs.{m.group(1)}.{m.group(2)}.{m.group(3)}"] = value
+        elif m := _OLD_CONV_KEY.match(key):
+            out[f"convs.{int(m.group(1)) - 1}.0.{m.group(2)}"] = value
+        elif key.startswith("mask_predictor.conv5_mask."):
+            out["upsample." + key.removeprefix("mask_predictor.conv5_mask.")] = value
+        elif key.startswith("mask_predictor.mask_fcn_logits."):
+            out["logits." + key.removeprefix("mask_predictor.mask_fcn_logits.")] = value[1:]
+    return out
