@@ -68,10 +68,12 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x: Float[Tensor, "B C H W"]) -> Float[Tensor, "B C2 H2 W2"]:
-        out = F.relu(self.bn1(self.conv1(x)))
+        # in place where autograd allows it (a norm's output is a fresh tensor that no backward
+        # reads before the ReLU): no new buffer for every activation of the block
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -97,11 +99,12 @@ class Bottleneck(nn.Module):
         return self.bn3
 
     def forward(self, x: Float[Tensor, "B C H W"]) -> Float[Tensor, "B C2 H2 W2"]:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # in place as in BasicBlock.forward
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 class ResNet(nn.Module):
@@ -208,7 +211,7 @@ class ResNet(nn.Module):
         ``C_l`` has ``out_channels[i]`` channels and size ``ceil(H / 2**l) × ceil(W / 2**l)`` (every
         stride-2 step maps ``n`` to ``ceil(n / 2)``); any ``H, W`` work.
         """
-        x = F.relu(self.bn1(self.conv1(images)))
+        x = F.relu(self.bn1(self.conv1(images)), inplace=True)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         features = []
         for i in range(self._num_stages):
