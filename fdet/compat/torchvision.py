@@ -1,9 +1,12 @@
-"""torchvision's RetinaNet, FCOS and Faster R-CNN as fdet specs, state dicts and detectors.
+"""torchvision's RetinaNet, FCOS, Faster R-CNN and Mask R-CNN as fdet specs, state dicts and
+detectors.
 
     >>> tv = torchvision.models.detection.retinanet_resnet50_fpn_v2(weights=...)
     >>> detector = load_torchvision(tv)          # fdet RetinaNet with the same weights
     >>> detections = detector.predict(images)    # images: float [B, 3, H, W] in [0, 1]
     >>> fcos = load_torchvision(torchvision.models.detection.fcos_resnet50_fpn(weights=...))
+    >>> tv_mask = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=...)
+    >>> mask_rcnn = load_torchvision(tv_mask)    # its detections carry masks
 
 :func:`spec_from_torchvision` reads every setting of a ``torchvision.models.detection.RetinaNet``
 instance (ResNet + FPN backbone, head, anchors, matcher, box coder, box loss, postprocess,
@@ -31,11 +34,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection import _utils as tv_det_utils
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
 from torchvision.models.detection import fcos as tv_fcos
+from torchvision.models.detection import mask_rcnn as tv_mask_rcnn
 from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection import rpn as tv_rpn
@@ -53,6 +59,10 @@ from fdet import specs
 from fdet.models.detectors.fcos import FCOS
 from fdet.models.detectors.retinanet import RetinaNet
 from fdet.models.detectors.two_stage.faster_rcnn import FasterRCNN
+from fdet.models.detectors.two_stage.mask_head import (
+    rename_torchvision_keys as rename_mask_keys,
+)
+from fdet.models.detectors.two_stage.mask_rcnn import MaskRCNN
 from fdet.models.detectors.two_stage.roi_heads import rename_torchvision_keys
 from fdet.ops.anchors import level_sizes
 from fdet.ops.coding import stds_from_weights
@@ -105,6 +115,8 @@ _FCOS_MARKER = "head.regression_head.bbox_ctrness."
 _FASTER_RCNN_MARKER = "roi_heads.box_predictor."
 _NO_TENSOR: Any = None  # a placeholder value: renaming reads only the keys
 _ROI = "roi_heads."
+_MASK = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+_MASK_PLACEHOLDER = torch.empty(2)  # mask renaming slices the logits' tensor; only keys are read
 
 
 class UnsupportedModelError(ValueError):
@@ -670,8 +682,8 @@ def _roi_head_spec(
     """The RoI stage and the number of object classes (without the background)."""
     if not isinstance(roi_heads, tv_roi_heads.RoIHeads):
         raise _unsupported("roi_heads", f"{type(roi_heads).__name__} is not a RoIHeads")
-    if roi_heads.has_mask() or roi_heads.has_keypoint():
-        raise _unsupported("roi_heads", "mask or keypoint heads (fdet converts the box stage)")
+    if roi_heads.has_keypoint():
+        raise _unsupported("roi_heads", "keypoint heads (fdet converts boxes and masks)")
     pool = roi_heads.box_roi_pool
     if not isinstance(pool, MultiScaleRoIAlign):
         raise _unsupported("roi_heads.box_roi_pool", f"{type(pool).__name__}")
@@ -715,6 +727,92 @@ def _roi_head_spec(
     return spec, num_outputs - 1
 
 
+def _mask_head_spec(
+    roi_heads: Any, feature_names: tuple[str, ...], levels: tuple[int, ...], in_channels: int
+) -> tuple[specs.MaskHead, int]:
+    """Mask R-CNN's mask branch (``mask_roi_pool``, ``mask_head``, ``mask_predictor``) and the
+    number of object classes of its predictor (without the background)."""
+    pool = roi_heads.mask_roi_pool
+    if not isinstance(pool, MultiScaleRoIAlign):
+        raise _unsupported("roi_heads.mask_roi_pool", f"{type(pool).__name__}")
+    missing = [name for name in pool.featmap_names if name not in feature_names]
+    if missing:
+        raise _unsupported("roi_heads.mask_roi_pool", f"feature maps {missing} do not exist")
+    height, width = pool.output_size
+    if height != width:
+        raise _unsupported("roi_heads.mask_roi_pool", f"output size {pool.output_size}")
+    where = "roi_heads.mask_head"
+    head = roi_heads.mask_head
+    if not isinstance(head, nn.Sequential):
+        raise _unsupported(where, f"{type(head).__name__} is not a MaskRCNNHeads")
+    norms: set[specs.BatchNorm | None] = set()
+    channels: set[int] = set()
+    dilations: set[int] = set()
+    width_in = in_channels
+    for i, block in enumerate(head):
+        parts = list(block) if isinstance(block, nn.Sequential) else [block]
+        conv = parts[0]
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1)
+            and conv.padding == conv.dilation
+            and conv.dilation[0] == conv.dilation[1]
+            and conv.groups == 1
+            and conv.in_channels == width_in
+        ):
+            raise _unsupported(f"{where}.{i}", "not a 3×3 conv block as fdet's MaskHead has")
+        middle, last = parts[1:-1], parts[-1]
+        if not isinstance(last, nn.ReLU):
+            raise _unsupported(f"{where}.{i}", f"ends with {type(last).__name__}, not a ReLU")
+        if not middle:
+            norm = None
+        elif len(middle) == 1 and type(middle[0]) is nn.BatchNorm2d:
+            norm = specs.BatchNorm()
+        else:
+            raise _unsupported(f"{where}.{i}", f"{[type(m).__name__ for m in middle]} norm layers")
+        if (conv.bias is None) != (norm is not None):
+            raise _unsupported(f"{where}.{i}.0", "conv bias differs from fdet's (bias iff no norm)")
+        norms.add(norm)
+        channels.add(int(conv.out_channels))
+        dilations.add(int(conv.dilation[0]))
+        width_in = int(conv.out_channels)
+    if len(norms) > 1 or len(channels) > 1 or len(dilations) > 1:
+        raise _unsupported(where, "conv blocks differ in norm, channels or dilation")
+    predictor = roi_heads.mask_predictor
+    where = "roi_heads.mask_predictor"
+    if not isinstance(predictor, tv_mask_rcnn.MaskRCNNPredictor):
+        raise _unsupported(where, f"{type(predictor).__name__} is not a MaskRCNNPredictor")
+    upsample, logits = predictor.conv5_mask, predictor.mask_fcn_logits
+    reduced = int(upsample.out_channels)
+    if channels and channels != {reduced}:
+        raise _unsupported(where, f"conv5_mask has {reduced} channels, the convs {channels}")
+    if int(upsample.in_channels) != width_in:
+        raise _unsupported(where, f"conv5_mask reads {upsample.in_channels} channels")
+    sampler = roi_heads.fg_bg_sampler
+    # the most positives the RoI sampler draws an image: every one of them keeps a slot
+    most_positives = int(sampler.batch_size_per_image * sampler.positive_fraction)
+    spec = specs.MaskHead(
+        roi_align=specs.RoIAlign(
+            levels=tuple(levels[feature_names.index(name)] for name in pool.featmap_names),
+            output_size=int(height),
+            sampling_ratio=int(pool.sampling_ratio),
+            canonical_scale=float(pool.canonical_scale),
+            canonical_level=int(pool.canonical_level),
+            aligned=False,
+        ),
+        num_convs=len(head),
+        channels=reduced,
+        dilation=dilations.pop() if dilations else 1,
+        norm=norms.pop() if norms else None,
+        loss_weight=1.0,
+        max_rois=max(1, most_positives),
+        threshold=0.5,
+        paste_padding=1,
+    )
+    return spec, int(logits.out_channels) - 1
+
+
 def _faster_rcnn_spec(model: Any, batch_norm: BatchNormSpec | None) -> specs.FasterRCNN:
     body = getattr(model.backbone, "body", None)
     fpn = getattr(model.backbone, "fpn", None)
@@ -729,7 +827,7 @@ def _faster_rcnn_spec(model: Any, batch_norm: BatchNormSpec | None) -> specs.Fas
     if len(names) != len(pyramid):
         raise _unsupported("backbone", f"feature maps {names} for pyramid levels {pyramid}")
     roi_head, num_classes = _roi_head_spec(model.roi_heads, names, pyramid, neck.channels)
-    return specs.FasterRCNN(
+    spec = specs.FasterRCNN(
         num_classes=num_classes,
         backbone=backbone,
         neck=neck,
@@ -738,14 +836,23 @@ def _faster_rcnn_spec(model: Any, batch_norm: BatchNormSpec | None) -> specs.Fas
         roi_head=roi_head,
         normalize=_normalize_spec(model),
     )
+    if not model.roi_heads.has_mask():
+        return spec
+    mask_head, mask_classes = _mask_head_spec(model.roi_heads, names, pyramid, neck.channels)
+    if mask_classes != num_classes:
+        raise _unsupported(
+            "roi_heads.mask_predictor",
+            f"{mask_classes} mask classes for {num_classes} box classes",
+        )
+    return specs.MaskRCNN(**attrs.asdict(spec, recurse=False), mask_head=mask_head)
 
 
 def spec_from_torchvision(
     model: nn.Module, *, batch_norm: BatchNormSpec | None = None
 ) -> specs.RetinaNet | specs.FCOS | specs.FasterRCNN:
     """The :class:`fdet.specs.RetinaNet` of a torchvision ``RetinaNet`` instance, the
-    :class:`fdet.specs.FCOS` of an ``FCOS`` instance, or the :class:`fdet.specs.FasterRCNN` of
-    a ``FasterRCNN`` instance.
+    :class:`fdet.specs.FCOS` of an ``FCOS`` instance, the :class:`fdet.specs.FasterRCNN` of
+    a ``FasterRCNN`` instance, or the :class:`fdet.specs.MaskRCNN` of a ``MaskRCNN`` instance.
 
     RetinaNet: reads the backbone (ResNet depth, width, returned levels, frozen stages from
     ``requires_grad``, norm), the FPN (channels, extra levels from P5 or C5), the head (classes,
@@ -766,8 +873,14 @@ def spec_from_torchvision(
     training and testing, NMS, minimum size, score threshold); the RoI stage (the pooled
     levels, output size, sampling ratio and level rule of ``MultiScaleRoIAlign``, the box head
     ``TwoMLPHead`` (``"2fc"``) or ``FastRCNNConvFCHead`` (``"4conv1fc"``), the classes of the
-    predictor, matcher, sampler, box coder and postprocess thresholds). Mask and keypoint heads
-    are not converted.
+    predictor, matcher, sampler, box coder and postprocess thresholds). Keypoint heads are not
+    converted.
+
+    Mask R-CNN (a ``MaskRCNN``, v1 or v2): Faster R-CNN's fields and the mask branch as a
+    :class:`fdet.specs.MaskRCNN`: the mask RoI Align of ``mask_roi_pool`` (levels, output size,
+    sampling ratio, level rule), the ``MaskRCNNHeads`` (number of convs, channels, dilation,
+    batch norm or none) and the ``MaskRCNNPredictor``'s classes; masks pasted with one pixel
+    of padding and binarized at ``> 0.5``, as torchvision's inference and evaluation do.
 
     ``batch_norm``: the backbone norm of the spec; by default that of the model
     (``BatchNorm2d`` → ``specs.BatchNorm()``, as in torchvision's untrained models;
@@ -849,6 +962,9 @@ def _rename_fcos(key: str) -> str | None:
 def _rename_faster_rcnn(key: str) -> str | None:
     if key.startswith("rpn.head."):
         return key
+    if key.startswith(_MASK):
+        renamed = rename_mask_keys({key[len(_ROI) :]: _MASK_PLACEHOLDER})
+        return "mask_head." + next(iter(renamed)) if renamed else None
     if key.startswith("roi_heads."):
         renamed = rename_torchvision_keys({key[len("roi_heads.") :]: _NO_TENSOR})
         return "roi_heads." + next(iter(renamed)) if renamed else None
@@ -883,9 +999,9 @@ def _is_faster_rcnn(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A torchvision RetinaNet, FCOS or Faster R-CNN state dict with fdet's parameter names
-    (FCOS is told apart by its centerness predictor, ``head.regression_head.bbox_ctrness``,
-    Faster R-CNN by its ``roi_heads.box_predictor``).
+    """A torchvision RetinaNet, FCOS, Faster R-CNN or Mask R-CNN state dict with fdet's parameter
+    names (FCOS is told apart by its centerness predictor, ``head.regression_head.bbox_ctrness``,
+    Faster R-CNN and Mask R-CNN by their ``roi_heads.box_predictor``).
 
     ResNet and FPN names are torchvision's already (``backbone.body.*`` → ``backbone.*``,
     ``backbone.fpn.*`` → ``neck.*``); the head's are renamed:
@@ -902,6 +1018,11 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
       :func:`fdet.models.detectors.two_stage.roi_heads.rename_torchvision_keys` renames them
       (``box_head.fc6`` / ``fc7`` → ``box_head.fcs.0`` / ``.1``, the v2 head's numbered layers
       → ``box_head.convs.{i}`` and ``box_head.fcs.{j}``, ``box_predictor.*`` unchanged).
+    - Mask R-CNN: Faster R-CNN's, and ``roi_heads.mask_head.*`` / ``roi_heads.mask_predictor.*``
+      → ``mask_head.*`` as
+      :func:`fdet.models.detectors.two_stage.mask_head.rename_torchvision_keys` renames them
+      (``mask_head.{i}.{j}`` → ``convs.{i}.{j}``, ``conv5_mask`` → ``upsample``,
+      ``mask_fcn_logits`` → ``logits`` without its background channel).
 
     Tensors are shared, not copied.
 
@@ -913,11 +1034,18 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
     out: dict[str, Tensor] = {}
     unknown = []
     if faster_rcnn:  # the RoI heads' keys are renamed together (the v2 head counts its layers)
-        roi = {k[len(_ROI) :]: v for k, v in state_dict.items() if k.startswith(_ROI)}
+        roi = {
+            k[len(_ROI) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(_ROI) and not k.startswith(_MASK)
+        }
         renamed = rename_torchvision_keys(roi)
         out.update({_ROI + k: v for k, v in renamed.items()})
         if len(renamed) != len(roi):
             unknown += [_ROI + k for k in roi if not k.startswith(("box_head.", "box_predictor."))]
+        mask = {k[len(_ROI) :]: v for k, v in state_dict.items() if k.startswith(_MASK)}
+        out.update({"mask_head." + k: v for k, v in rename_mask_keys(mask).items()})
+        unknown += [_ROI + k for k in mask if not rename_mask_keys({k: _MASK_PLACEHOLDER})]
     for key, value in state_dict.items():
         if faster_rcnn and key.startswith(_ROI):
             continue
@@ -933,11 +1061,15 @@ def state_dict_from_torchvision(state_dict: Mapping[str, Tensor]) -> dict[str, T
 
 def load_torchvision(
     model: nn.Module, *, batch_norm: BatchNormSpec | None = None
-) -> RetinaNet | FCOS | FasterRCNN:
-    """An fdet :class:`~fdet.models.RetinaNet`, :class:`~fdet.models.FCOS` or
-    :class:`~fdet.models.detectors.two_stage.faster_rcnn.FasterRCNN` equal to the torchvision
-    RetinaNet, FCOS or FasterRCNN ``model``: its spec (:func:`spec_from_torchvision`), its
-    weights, its device, dtype and train/eval mode.
+) -> RetinaNet | FCOS | FasterRCNN | MaskRCNN:
+    """An fdet :class:`~fdet.models.RetinaNet`, :class:`~fdet.models.FCOS`,
+    :class:`~fdet.models.detectors.two_stage.faster_rcnn.FasterRCNN` or
+    :class:`~fdet.models.detectors.two_stage.mask_rcnn.MaskRCNN` equal to the torchvision
+    RetinaNet, FCOS, FasterRCNN or MaskRCNN ``model``: its spec (:func:`spec_from_torchvision`),
+    its weights, its device, dtype and train/eval mode. A Mask R-CNN's ``postprocess`` gives
+    box-frame mask probabilities (``paste_masks=False``); set its ``paste_masks`` for masks
+    pasted in the input's pixels, torchvision's ``masks`` before they are resized to the
+    original image.
 
     fdet's batch norms use ``eps=1e-5``. A torchvision norm with another eps (its COCO v1 weights
     set ``eps=0``) has its ``running_var`` shifted by the difference, so that

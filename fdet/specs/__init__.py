@@ -11,6 +11,7 @@ works in spec files, JSON and ``--set`` overrides like fdet's own (docs/specs.md
 from fdet.specs._core import Spec, SpecError, concrete_subclasses, spec_types
 from fdet.specs.atss import ATSS, ATSSAssigner, ATSSHead
 from fdet.specs.backbones import ResNet
+from fdet.specs.cascade import CascadeRCNN
 from fdet.specs.centernet import (
     CenterNet,
     CenterNetHead,
@@ -53,7 +54,7 @@ from fdet.specs.schedules import (
 )
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
 from fdet.specs.train import EMA, SGD, AdamW, Experiment, Optimizer, ParamGroups
-from fdet.specs.two_stage import FasterRCNN
+from fdet.specs.two_stage import FasterRCNN, MaskRCNN
 
 __all__ = [
     "ATSS",
@@ -71,6 +72,7 @@ __all__ = [
     "BatchNorm",
     "BoxHead",
     "BoxLoss",
+    "CascadeRCNN",
     "CenterNet",
     "CenterNetHead",
     "CenterNetNeck",
@@ -99,6 +101,7 @@ __all__ = [
     "L1Loss",
     "LinearWarmup",
     "MaskHead",
+    "MaskRCNN",
     "MaxIoUAssigner",
     "Norm",
     "Normalize",

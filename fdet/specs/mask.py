@@ -46,7 +46,7 @@ class MaskHead(Spec):
     dilation: int = attrs.field(default=1, validator=positive)
     norm: Norm | None = attrs.field(default=None, validator=spec_of(Norm, optional=True))
     loss_weight: float = attrs.field(default=1.0, validator=non_negative)
-    max_rois: int | None = attrs.field(default=None)
+    max_rois: int | None = attrs.field(default=128)
     threshold: float = attrs.field(default=0.5, validator=probability)
     paste_padding: int = attrs.field(default=1, validator=non_negative)
 

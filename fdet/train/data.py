@@ -42,7 +42,9 @@ def make_datasets(exp: specs.Experiment, *, with_train: bool = True) -> DataSets
     (``with_train=False``: the validation set only; ``train`` is then None).
 
     The model's class count must match the data's categories, and the validation set must have
-    the training set's categories (the same ids), or labels would be mapped to the wrong ids."""
+    the training set's categories (the same ids), or labels would be mapped to the wrong ids.
+    Both sets carry instance masks (``Sample.masks``, ``Batch.gt_masks``) when the model has a
+    mask head (a ``mask_head`` field: Mask R-CNN), which its loss needs."""
     from fdet.data.coco import CocoDataset
     from fdet.data.transforms import build_transform
 
@@ -61,14 +63,22 @@ def make_datasets(exp: specs.Experiment, *, with_train: bool = True) -> DataSets
         train_args = (data.train_images, data.train_annotations)
         val_args = (data.val_images, data.val_annotations)
         on_bad = data.on_bad_input
+    with_masks = getattr(exp.model, "mask_head", None) is not None
     val = CocoDataset(
-        *val_args, on_bad_input=on_bad, transform=build_transform(exp.val_transforms, train=False)
+        *val_args,
+        on_bad_input=on_bad,
+        transform=build_transform(exp.val_transforms, train=False),
+        with_masks=with_masks,
     )
     train = None
     if with_train:
         train_transform = build_transform(exp.train_transforms, train=True)
         train = CocoDataset(
-            *train_args, on_bad_input=on_bad, transform=train_transform, seed=exp.seed
+            *train_args,
+            on_bad_input=on_bad,
+            transform=train_transform,
+            seed=exp.seed,
+            with_masks=with_masks,
         )
         if tuple(val.label_to_category_id) != tuple(train.label_to_category_id):
             raise TrainingError(

@@ -189,8 +189,12 @@ class LogHook(Hook):
 def _evaluate_one(trainer: Trainer) -> dict[str, Any] | None:
     """COCO metrics and the validation loss of the trainer's model (as it is now) on the
     validation set (or its first ``eval_images``). Each process predicts its shard; rank 0
-    gathers and evaluates and returns the metrics as a dict (the other ranks return None)."""
-    from fdet.eval.coco import evaluate_coco
+    gathers and evaluates and returns the metrics as a dict (the other ranks return None).
+
+    The dict holds the box metrics (``"AP"``, …, ``"per_class_ap"``) and, when the model
+    predicts masks and the validation set has segmentations, the mask metrics under
+    ``"segm"``."""
+    from fdet.eval.coco import evaluate_coco_types
     from fdet.eval.evaluate import predict_coco
     from fdet.train.data import experiment_loader
     from fdet.train.step import autocast
@@ -228,7 +232,10 @@ def _evaluate_one(trainer: Trainer) -> dict[str, Any] | None:
         assert gathered is not None
         results = [r for part, _ in gathered for r in part]
         seen = sorted({i for _, part in gathered for i in part})
-    metrics = evaluate_coco(dataset.coco, results, image_ids=seen).to_dict()
+    by_type = evaluate_coco_types(dataset.coco, results, image_ids=seen)
+    metrics = by_type["bbox"].to_dict()
+    if "segm" in by_type:
+        metrics["segm"] = by_type["segm"].to_dict()
     totals, counts = sums[: len(names)], sums[len(names) :].clamp(min=1.0)
     values = [terms[n].weight * totals[i] / counts[i] for i, n in enumerate(names)]
     metrics["val_loss"] = float(torch.stack(values).sum()) if values else 0.0
@@ -276,11 +283,17 @@ def _track_best(trainer: Trainer, metrics: Any) -> bool:
 
 
 def _eval_line(done: int, total: int, metrics: Any, ema_metrics: Any) -> str:
-    line = f"[{done}/{total}] val AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}"
+    def aps(m: dict[str, Any]) -> str:
+        text = f"AP {m['AP']:.4f} AP50 {m['AP50']:.4f}"
+        if "segm" in m:
+            text += f" mask AP {m['segm']['AP']:.4f}"
+        return text
+
+    line = f"[{done}/{total}] val {aps(metrics)}"
     if "val_loss" in metrics:
         line += f" loss {metrics['val_loss']:.4f}"
     if ema_metrics is not None:
-        line += f" | EMA AP {ema_metrics['AP']:.4f} AP50 {ema_metrics['AP50']:.4f}"
+        line += f" | EMA {aps(ema_metrics)}"
     return line
 
 
@@ -347,29 +360,43 @@ class EvalHook(Hook):
 
 
 def write_metrics(trainer: Trainer) -> None:
-    """``metrics.json`` (COCO stats by name, per-class AP, the validation loss) and the table."""
+    """``metrics.json`` (COCO stats by name, per-class AP, the validation loss; the box metrics
+    under ``"bbox"``, the mask metrics, when there are some, under ``"segm"``; the EMA
+    weights' under ``"bbox_ema"`` / ``"segm_ema"``) and the tables."""
     from fdet.eval.coco import STAT_NAMES, CocoMetrics, format_table
 
     metrics, ema_metrics = trainer.metrics, trainer.ema_metrics
-    payload: dict[str, Any] = {"iteration": trainer.state.iteration, "bbox": metrics}
-    if ema_metrics is not None:
-        payload["bbox_ema"] = ema_metrics
+    payload: dict[str, Any] = {"iteration": trainer.state.iteration}
+    for suffix, found in (("", metrics), ("_ema", ema_metrics)):
+        if found is not None:
+            boxes = {k: v for k, v in found.items() if k != "segm"}
+            payload["bbox" + suffix] = boxes
+            if "segm" in found:
+                payload["segm" + suffix] = found["segm"]
     atomic_write_text(trainer.out / "metrics.json", json.dumps(payload, indent=2) + "\n")
     chosen = ema_metrics if ema_metrics is not None else metrics
-    table = CocoMetrics.from_stats(
-        [chosen[name] for name in STAT_NAMES],
-        per_class_ap=chosen["per_class_ap"],
-        num_images=chosen["num_images"],
-        num_detections=chosen["num_detections"],
-    )
+    tables = [("bbox", chosen)] + ([("segm", chosen["segm"])] if "segm" in chosen else [])
     trainer.console.close()
-    print(format_table(table), file=trainer.console.stream)
+    for iou_type, found in tables:
+        table = CocoMetrics.from_stats(
+            [found[name] for name in STAT_NAMES],
+            per_class_ap=found["per_class_ap"],
+            num_images=found["num_images"],
+            num_detections=found["num_detections"],
+        )
+        print(
+            format_table(table, iou_type=iou_type if len(tables) > 1 else None),
+            file=trainer.console.stream,
+        )
 
 
 def write_prediction_grid(
     model: Any, dataset: Any, path: Path, *, device: torch.device, count: int = 8
 ) -> Path:
-    """Predictions on the first ``count`` validation images, next to their ground truth."""
+    """Predictions on the first ``count`` validation images, next to their ground truth; with
+    their instance masks where the detections have them (Mask R-CNN: box-frame probabilities,
+    pasted on the boxes when drawn, or boolean image masks) and the ground truth's where the
+    data set has them."""
     from fdet.data.collate import collate
     from fdet.viz.draw import prediction_grid
 
@@ -377,11 +404,15 @@ def write_prediction_grid(
     batch = collate(samples, pad_divisor=32)
     det = model.predict(batch.images.to(device), batch.image_sizes.to(device))
     det = det._replace(**{k: v.cpu() for k, v in det._asdict().items() if v is not None})
-    preds = [
-        (det.boxes[b][det.valid[b]], det.labels[b][det.valid[b]], det.scores[b][det.valid[b]])
-        for b in range(len(samples))
+    preds = []
+    for b in range(len(samples)):
+        keep = det.valid[b]
+        pred = (det.boxes[b][keep], det.labels[b][keep], det.scores[b][keep])
+        preds.append(pred if det.masks is None else (*pred, det.masks[b][keep]))
+    gts = [
+        (s.boxes, s.labels) if s.masks is None else (s.boxes, s.labels, s.masks.bool())
+        for s in samples
     ]
-    gts = [(s.boxes, s.labels) for s in samples]
     return prediction_grid(
         [s.image for s in samples], preds, gts, names=dataset.category_names, path=path
     )

@@ -14,7 +14,6 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 from fdet import specs
 from fdet.compat.torchvision import (
-    UnsupportedModelError,
     load_torchvision,
     spec_from_torchvision,
     state_dict_from_torchvision,
@@ -132,11 +131,3 @@ def test_detections_match_torchvision(pair: Pair) -> None:
     counts = [len(ref["scores"]) for ref in reference]
     print(f"{counts} detections: max |Δbox| {worst[0]:.2e}, max |Δscore| {worst[1]:.2e}")
     assert worst[0] <= 1e-3 and worst[1] <= 1e-4
-
-
-def test_mask_rcnn_is_refused() -> None:
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
-    with pytest.raises(UnsupportedModelError, match="mask"):
-        spec_from_torchvision(tv)

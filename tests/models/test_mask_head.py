@@ -24,6 +24,7 @@ from fdet.models.detectors.two_stage.mask_head import (
     rename_torchvision_keys,
 )
 from fdet.ops.postprocess import Detections
+from fdet.ops.roi import SampledRoIs
 from fdet.registry import build
 from fdet.specs import SpecError
 
@@ -271,3 +272,65 @@ def test_compiled_equals_eager() -> None:
     torch.testing.assert_close(total, eager[0], rtol=1e-5, atol=1e-4)
     assert count == eager[1]
     assert (masks != eager[2]).float().mean() < 1e-3
+
+
+def test_builder_keeps_the_spec_settings_and_pools_from_the_pyramid() -> None:
+    align = specs.RoIAlign(levels=(3, 4), output_size=5, sampling_ratio=0, canonical_scale=64.0)
+    spec = specs.MaskHead(
+        roi_align=align, channels=8, num_convs=1, max_rois=2, loss_weight=0.5, threshold=0.4
+    )
+    head = build(spec, in_channels=CHANNELS, num_classes=K, feature_levels=(2, 3, 4, 5))
+    assert head.levels == (3, 4) and head.feature_levels == (2, 3, 4, 5)
+    assert (head.output_size, head.sampling_ratio, head.canonical_scale) == (5, 0, 64.0)
+    assert (head.max_rois, head.loss_weight, head.threshold, head.paste_padding) == (2, 0.5, 0.4, 1)
+    g = torch.Generator().manual_seed(7)
+    features = [torch.randn(2, CHANNELS, 32 >> i, 32 >> i, generator=g) for i in range(4)]
+    boxes = torch.tensor([[[1.0, 2.0, 9.0, 12.0], [0.0, 0.0, 31.0, 30.0]]]).expand(2, 2, 4)
+    # the maps of levels 3 and 4 only: a head built for them alone pools the same
+    alone = build(spec, in_channels=CHANNELS, num_classes=K)
+    assert alone.feature_levels == (3, 4)
+    torch.testing.assert_close(head.pool(features, boxes), alone.pool(features[1:3], boxes))
+    assert head.mask_logits(features, boxes).shape == (2, 2, K, 10, 10)
+    with pytest.raises(ValueError, match="feature levels"):
+        build(spec, in_channels=CHANNELS, num_classes=K, feature_levels=(2, 3))
+
+
+def _sampled(g: torch.Generator, b: int, s: int, m: int) -> SampledRoIs:
+    xy = torch.rand(b, s, 2, generator=g) * 30
+    boxes = torch.cat((xy, xy + 4 + torch.rand(b, s, 2, generator=g) * 20), dim=-1)
+    valid = torch.rand(b, s, generator=g) < 0.8
+    labels = torch.where(valid, torch.randint(0, K + 1, (b, s), generator=g), 0)
+    gt_index = torch.randint(0, m, (b, s), generator=g)
+    return SampledRoIs(boxes, labels, gt_index, valid, boxes, torch.zeros_like(boxes), gt_index)
+
+
+def test_module_loss_is_the_functions_on_the_sampled_positives() -> None:
+    g = torch.Generator().manual_seed(8)
+    head = MaskHead(
+        in_channels=CHANNELS,
+        num_classes=K,
+        channels=8,
+        num_convs=2,
+        max_rois=3,
+        loss_weight=2.0,
+        levels=(2, 3),
+        output_size=7,
+        canonical_scale=32.0,
+    )
+    features = [torch.randn(2, CHANNELS, 16 >> i, 16 >> i, generator=g) for i in range(2)]
+    sampled = _sampled(g, 2, 9, 2)
+    gt_masks, _ = random_gt(g, 2, 2, 64)
+    term = head.loss(features, sampled, gt_masks)
+    rois = mask_training_rois(
+        sampled.boxes,
+        sampled.labels - 1,
+        sampled.gt_index,
+        sampled.valid & (sampled.labels > 0),
+        max_rois=3,
+    )
+    want = mask_loss_term(head(head.pool(features, rois.boxes)), gt_masks, rois, weight=2.0)
+    assert term.weight == 2.0
+    torch.testing.assert_close((term.total, term.count), (want.total, want.count), rtol=0, atol=0)
+    assert term.count > 0
+    with pytest.raises(ValueError, match="gt_masks is None"):
+        head.loss(features, sampled, None)

@@ -146,6 +146,8 @@ ROOT_SPECS = [
     specs.GFL,
     specs.CenterNet,
     specs.FasterRCNN,
+    specs.MaskRCNN,
+    specs.CascadeRCNN,
 ]
 
 

@@ -15,6 +15,7 @@ from fdet.train import load_run
 
 SHAPES = Path(__file__).resolve().parents[2] / "specs" / "shapes"
 
+CASCADE_TERMS = {f"roi{t}_{kind}" for t in range(3) for kind in ("cls", "box")}
 FAMILIES = [
     ("retinanet_r18_fpn.py", specs.RetinaNet, {"cls", "box"}),
     ("fcos_r18_fpn.py", specs.FCOS, {"cls", "box", "centerness"}),
@@ -22,6 +23,17 @@ FAMILIES = [
     ("gfl_r18_fpn.py", specs.GFL, {"cls", "box", "dfl"}),
     ("centernet_r18.py", specs.CenterNet, {"heatmap", "size", "offset"}),
     ("faster_rcnn_r18_fpn.py", specs.FasterRCNN, {"rpn_cls", "rpn_box", "roi_cls", "roi_box"}),
+    (
+        "mask_rcnn_r18_fpn.py",
+        specs.MaskRCNN,
+        {"rpn_cls", "rpn_box", "roi_cls", "roi_box", "mask"},
+    ),
+    ("cascade_rcnn_r18_fpn.py", specs.CascadeRCNN, {"rpn_cls", "rpn_box"} | CASCADE_TERMS),
+    (
+        "cascade_mask_rcnn_r18_fpn.py",
+        specs.CascadeRCNN,
+        {"rpn_cls", "rpn_box", "mask"} | CASCADE_TERMS,
+    ),
 ]
 
 
@@ -78,13 +90,23 @@ def test_family_trains_and_evaluates_from_the_command_line(
         assert terms <= set(line), line
         assert all(line[t] >= 0 for t in terms)
         assert sum(line[t] for t in terms) == pytest.approx(line["loss"], rel=1e-4, abs=1e-6)
-    metrics = json.loads((run / "metrics.json").read_text())["bbox"]
+    written = json.loads((run / "metrics.json").read_text())
+    metrics = written["bbox"]
     assert 0.0 <= metrics["AP"] <= 1.0 and len(metrics["per_class_ap"]) == 6
+    with_masks = getattr(exp.model, "mask_head", None) is not None
+    assert ("segm" in written) == with_masks  # mask AP beside box AP for mask heads
 
     capsys.readouterr()
     out_json = tmp_path / "eval.json"
     assert main(["eval", str(run), "--out", str(out_json)]) == 0
     assert "AP50" in capsys.readouterr().out
-    evaluated = json.loads(out_json.read_text())["bbox"]
+    evaluated_types = json.loads(out_json.read_text())
+    evaluated = evaluated_types["bbox"]
     assert evaluated["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    if with_masks:
+        segm = evaluated_types["segm"]
+        assert 0.0 <= segm["AP"] <= 1.0 and len(segm["per_class_ap"]) == 6
+        assert segm["AP"] == pytest.approx(written["segm"]["AP"], abs=1e-9)
+    else:
+        assert set(evaluated_types) == {"bbox"}
     assert not model.training

@@ -4,8 +4,10 @@ R-CNN. Each part is a module with pure functions for its targets, losses and pos
 padded ``[B, R]`` proposals with a validity mask."""
 
 from fdet.models.detectors.two_stage import (
+    cascade_rcnn,  # noqa: F401  (registers its builder)
     faster_rcnn,  # noqa: F401  (registers its builder)
     mask_head,  # noqa: F401  (registers its builder)
+    mask_rcnn,  # noqa: F401  (registers its builder)
     roi_heads,  # noqa: F401  (registers its builder)
     rpn,  # noqa: F401  (registers its builder)
 )

@@ -56,6 +56,8 @@ __all__ = [
     "FasterRCNN",
     "FasterRCNNOutputs",
     "FasterRCNNTraining",
+    "TwoStageDetector",
+    "autocast_like",
     "build_faster_rcnn",
     "max_pool_levels",
 ]
@@ -92,15 +94,49 @@ def max_pool_levels(
     return out
 
 
-def _autocast_like(features: Sequence[Tensor]) -> contextlib.AbstractContextManager:
-    """An autocast to the features' dtype when it is a half precision, else nothing."""
+def autocast_like(features: Sequence[Tensor]) -> contextlib.AbstractContextManager:
+    """An autocast to the features' dtype when it is a half precision, else nothing: the RoI
+    stages run under it, so they compute in the precision ``forward`` gave the features even
+    when ``loss`` or ``postprocess`` are called outside the autocast of ``forward``."""
     dtype = features[0].dtype
     if dtype in (torch.float16, torch.bfloat16):
         return torch.autocast(device_type=features[0].device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
-class FasterRCNN(Detector):
+class TwoStageDetector(Detector):
+    """What the region-based detectors share: ``forward`` (backbone, neck, max-pooled levels,
+    RPN) and the image sizes a training batch clips its proposals to. Subclasses set
+    ``backbone``, ``neck``, ``rpn`` and ``pool_levels``."""
+
+    backbone: nn.Module
+    neck: nn.Module
+    rpn: RPN
+    pool_levels: int
+
+    def forward(self, images: Float[Tensor, "B 3 H W"]) -> FasterRCNNOutputs:
+        """The pyramid features and the RPN's outputs for ``images[B, 3, H, W]`` (values in
+        ``[0, input_range]``)."""
+        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        features = self.neck(self.backbone(self.normalize(images)))
+        features = max_pool_levels(features, self.pool_levels)
+        return FasterRCNNOutputs(
+            features=features, rpn=self.rpn(features, image_size=image_size), image_size=image_size
+        )
+
+    @staticmethod
+    def batch_image_sizes(outputs: FasterRCNNOutputs, batch: Any) -> Int[Tensor, "B 2"]:
+        """``batch.image_sizes`` (height, width) where the batch has them, else the padded
+        input size for every image."""
+        sizes = getattr(batch, "image_sizes", None)
+        if sizes is not None:
+            return sizes
+        device = outputs.rpn.objectness.device
+        batch_size = outputs.rpn.objectness.shape[0]
+        return torch.tensor(outputs.image_size, device=device).expand(batch_size, 2)
+
+
+class FasterRCNN(TwoStageDetector):
     """A Faster R-CNN on the detector contract (see the module docstring for how the work is
     split between ``forward``, ``loss`` and ``postprocess``).
 
@@ -148,17 +184,7 @@ class FasterRCNN(Detector):
         self.num_classes = int(num_classes)
         self.pool_levels = int(pool_levels)
 
-    # --- the contract ---------------------------------------------------------------------------
-
-    def forward(self, images: Float[Tensor, "B 3 H W"]) -> FasterRCNNOutputs:
-        """The pyramid features and the RPN's outputs for ``images[B, 3, H, W]`` (values in
-        ``[0, input_range]``)."""
-        image_size = (int(images.shape[-2]), int(images.shape[-1]))
-        features = self.neck(self.backbone(self.normalize(images)))
-        features = max_pool_levels(features, self.pool_levels)
-        return FasterRCNNOutputs(
-            features=features, rpn=self.rpn(features, image_size=image_size), image_size=image_size
-        )
+    # --- the contract (``forward``: :class:`TwoStageDetector`) -----------------------------------
 
     def training_outputs(
         self,
@@ -172,7 +198,7 @@ class FasterRCNN(Detector):
         batch has them, else to the padded size), the RoIs sampled from them against the
         batch's ground truth (:func:`~fdet.models.detectors.two_stage.roi_heads.roi_targets`;
         ``roi_keys[B, R + M]`` fix the draw) and the RoI head's outputs on those RoIs."""
-        proposals = self.rpn.proposals(outputs.rpn, self._image_sizes(outputs, batch))
+        proposals = self.rpn.proposals(outputs.rpn, self.batch_image_sizes(outputs, batch))
         sampled = roi_targets(
             proposals.boxes,
             proposals.valid,
@@ -183,7 +209,7 @@ class FasterRCNN(Detector):
             spec=self.roi_spec,
             keys=roi_keys,
         )
-        with _autocast_like(outputs.features):
+        with autocast_like(outputs.features):
             roi = self.roi_heads(outputs.features, sampled.boxes)
         return FasterRCNNTraining(proposals=proposals, sampled=sampled, roi=roi)
 
@@ -221,20 +247,11 @@ class FasterRCNN(Detector):
         :func:`~fdet.models.detectors.two_stage.roi_heads.roi_postprocess` (softmax scores,
         class-specific boxes clipped to ``image_sizes`` (height, width), NMS per class)."""
         proposals = self.rpn.proposals(outputs.rpn, image_sizes)
-        with _autocast_like(outputs.features):
+        with autocast_like(outputs.features):
             roi = self.roi_heads(outputs.features, proposals.boxes)
         return roi_postprocess(
             roi, proposals.boxes, proposals.valid, image_sizes, spec=self.roi_spec
         )
-
-    @staticmethod
-    def _image_sizes(outputs: FasterRCNNOutputs, batch: Any) -> Tensor:
-        sizes = getattr(batch, "image_sizes", None)
-        if sizes is not None:
-            return sizes
-        device = outputs.rpn.objectness.device
-        batch_size = outputs.rpn.objectness.shape[0]
-        return torch.tensor(outputs.image_size, device=device).expand(batch_size, 2)
 
 
 @register(specs.FasterRCNN)

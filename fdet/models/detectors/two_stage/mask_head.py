@@ -1,16 +1,24 @@
 """The mask head of Mask R-CNN (He et al. 2017): a small fully convolutional network on each
 RoI's pooled features predicting one ``m × m`` mask logit map per class; its training RoIs,
-loss term and postprocess as pure functions of a padded batch.
+loss term and postprocess as pure functions of a padded batch, and as methods of the module::
+
+    head = build(spec.mask_head, in_channels=C, num_classes=K, feature_levels=levels)
+    logits = head.mask_logits(features, boxes)                   # [B, R, K, m, m]
+    term = head.loss(features, sampled, batch.gt_masks)          # the "mask" Term
+    detections = head.postprocess(features, detections, image_sizes, padded_size=(H, W))
+
+which are, in the pure functions::
 
     rois = mask_training_rois(sampled.boxes, sampled.labels - 1, sampled.gt_index,
                               sampled.valid & (sampled.labels > 0), max_rois=spec.max_rois)
-    logits = head(pool(features, rois.boxes))                    # [B, P, K, m, m]
-    terms = {"mask": mask_loss_term(logits, batch.gt_masks, rois, weight=spec.loss_weight)}
-    logits = head(pool(features, detections.boxes))              # [B, N, K, m, m]
-    detections = mask_postprocess(logits, detections, image_sizes, spec=spec)  # .masks
+    logits = head(head.pool(features, rois.boxes))               # [B, P, K, m, m]
+    term = mask_loss_term(logits, batch.gt_masks, rois, weight=spec.loss_weight)
+    logits = head(head.pool(features, detections.boxes))         # [B, N, K, m, m]
+    detections = mask_postprocess(logits, detections, image_sizes, ...)  # .masks
 
-Pooling (RoI Align of ``spec.roi_align`` over the pyramid) is the detector's: the head takes
-pooled features ``[..., C, p, p]`` and returns logits ``[..., K, 2p, 2p]``.
+The module pools with its spec's RoI Align (:func:`fdet.ops.roi.multiscale_roi_align` on
+``roi_align.levels``) from the pyramid's maps (all of ``feature_levels``, finest first);
+``forward`` takes pooled features ``[..., C, p, p]`` and returns logits ``[..., K, 2p, 2p]``.
 
 **Classes.** Channel ``k`` of the logits is fdet's label ``k`` (``0..K-1``), the label of the
 detections and of the data. torchvision's predictor has ``K + 1`` channels, channel 0 for the
@@ -26,7 +34,7 @@ conv) and ``logits``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,10 +43,12 @@ from torch import Tensor, nn
 
 from fdet import specs
 from fdet.models.detectors.base import Term
+from fdet.models.detectors.two_stage.roi_heads import pool_pyramid
 from fdet.models.layers import NormLayer, norm_factory
 from fdet.ops.masks import mask_loss, mask_targets, paste_masks, select_mask_channel
 from fdet.ops.masks import take_positive_rois as _take_positive_rois
 from fdet.ops.postprocess import Detections
+from fdet.ops.roi import SampledRoIs
 from fdet.registry import register
 
 __all__ = [
@@ -63,6 +73,14 @@ class MaskHead(nn.Module):
     ``forward(pooled [..., C, p, p]) -> [..., K, 2p, 2p]`` over any leading dims (``[B, R]``
     or ``[B·R]``). Weights start as torchvision's: Kaiming normal (fan out, ReLU), zero
     biases.
+
+    The pooling and the rest of the branch's settings (a :class:`fdet.specs.MaskHead`'s) are
+    kept as plain attributes for :meth:`pool`, :meth:`mask_logits`, :meth:`loss` and
+    :meth:`postprocess`: the RoIs are pooled from the maps of ``levels`` among the
+    ``feature_levels`` given (default: ``levels``) with RoI Align of ``output_size`` bins,
+    ``sampling_ratio``, the ``canonical_scale`` / ``canonical_level`` level rule and
+    ``aligned``; ``max_rois`` and ``loss_weight`` shape the loss, ``threshold`` and
+    ``paste_padding`` the pasted masks.
     """
 
     def __init__(
@@ -74,9 +92,39 @@ class MaskHead(nn.Module):
         channels: int = 256,
         dilation: int = 1,
         norm: NormLayer | None = None,
+        levels: Sequence[int] = _SPEC.roi_align.levels,
+        feature_levels: Sequence[int] | None = None,
+        output_size: int = _SPEC.roi_align.output_size,
+        sampling_ratio: int = _SPEC.roi_align.sampling_ratio,
+        canonical_scale: float = _SPEC.roi_align.canonical_scale,
+        canonical_level: int = _SPEC.roi_align.canonical_level,
+        aligned: bool = _SPEC.roi_align.aligned,
+        max_rois: int | None = _SPEC.max_rois,
+        loss_weight: float = _SPEC.loss_weight,
+        threshold: float = _SPEC.threshold,
+        paste_padding: int = _SPEC.paste_padding,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.levels = tuple(int(level) for level in levels)
+        self.feature_levels = (
+            self.levels if feature_levels is None else tuple(int(lv) for lv in feature_levels)
+        )
+        missing = [level for level in self.levels if level not in self.feature_levels]
+        if missing:
+            raise ValueError(
+                f"mask RoI levels {self.levels} are not all among the feature levels "
+                f"{self.feature_levels} (missing {missing})"
+            )
+        self.output_size = int(output_size)
+        self.sampling_ratio = int(sampling_ratio)
+        self.canonical_scale = float(canonical_scale)
+        self.canonical_level = int(canonical_level)
+        self.aligned = bool(aligned)
+        self.max_rois = None if max_rois is None else int(max_rois)
+        self.loss_weight = float(loss_weight)
+        self.threshold = float(threshold)
+        self.paste_padding = int(paste_padding)
         make_norm = None if norm is None else norm_factory(norm)
         layers: list[nn.Module] = []
         width = in_channels
@@ -113,10 +161,85 @@ class MaskHead(nn.Module):
         x = self.logits(x)  # [R, K, 2p, 2p]
         return x.reshape(*leading, *x.shape[-3:])
 
+    def pool(
+        self, features: Sequence[Float[Tensor, "B C H W"]], boxes: Float[Tensor, "B R 4"]
+    ) -> Float[Tensor, "B R C p p"]:
+        """Each RoI's features from its pyramid level; ``features`` are the maps of
+        ``feature_levels`` (:func:`~fdet.models.detectors.two_stage.roi_heads.pool_pyramid`)."""
+        return pool_pyramid(self, features, boxes)
+
+    def mask_logits(
+        self, features: Sequence[Float[Tensor, "B C H W"]], boxes: Float[Tensor, "B R 4"]
+    ) -> Float[Tensor, "B R K m m"]:
+        """The mask logits of the RoIs ``boxes``: :meth:`pool`, then :meth:`forward`. Padded
+        rows get logits too (static shapes); the caller masks them."""
+        return self(self.pool(features, boxes))
+
+    def loss(
+        self,
+        features: Sequence[Float[Tensor, "B C H W"]],
+        sampled: SampledRoIs,
+        gt_masks: Shaped[Tensor, "B M H W"] | None,
+    ) -> Term:
+        """The ``"mask"`` term of the RoIs a box stage sampled (:class:`fdet.ops.roi.SampledRoIs`,
+        positives ``valid & labels > 0`` with mask channel ``labels - 1``; at most
+        ``max_rois`` an image, :func:`mask_training_rois`) against the batch's padded instance
+        masks ``gt_masks`` in the input's pixels (:func:`mask_loss_term`, weight
+        ``loss_weight``).
+
+        Raises:
+            ValueError: when ``gt_masks`` is None (the data was loaded without masks).
+        """
+        if gt_masks is None:
+            raise ValueError(
+                "the mask loss needs the batch's instance masks, but batch.gt_masks is None: "
+                "load the data with masks (fdet.data.coco.CocoDataset(..., with_masks=True), "
+                "which fdet train does for a model with a mask head)"
+            )
+        positive = sampled.valid & (sampled.labels > 0)
+        rois = mask_training_rois(
+            sampled.boxes, sampled.labels - 1, sampled.gt_index, positive, max_rois=self.max_rois
+        )
+        logits = self.mask_logits(features, rois.boxes)  # [B, P, K, m, m]
+        return mask_loss_term(logits, gt_masks, rois, weight=self.loss_weight)
+
+    def postprocess(
+        self,
+        features: Sequence[Float[Tensor, "B C H W"]],
+        detections: Detections,
+        image_sizes: Int[Tensor, "B 2"] | Float[Tensor, "B 2"],
+        *,
+        padded_size: tuple[int, int],
+        paste: bool = False,
+    ) -> Detections:
+        """``detections`` with their ``masks`` (:func:`mask_postprocess` of the logits at
+        the detections' boxes, with ``threshold`` and ``paste_padding``): box-frame float
+        probabilities ``[B, N, m, m]`` by default, boolean masks ``[B, N, H, W]`` over the
+        ``padded_size`` input with ``paste``."""
+        logits = self.mask_logits(features, detections.boxes)  # [B, N, K, m, m]
+        return mask_postprocess(
+            logits,
+            detections,
+            image_sizes,
+            padded_size=padded_size,
+            threshold=self.threshold,
+            padding=self.paste_padding,
+            paste=paste,
+        )
+
 
 @register(specs.MaskHead)
-def build_mask_head(spec: specs.MaskHead, *, in_channels: int, num_classes: int) -> MaskHead:
-    """``in_channels``: the neck's channels; ``num_classes``: the detector's ``K``."""
+def build_mask_head(
+    spec: specs.MaskHead,
+    *,
+    in_channels: int,
+    num_classes: int,
+    feature_levels: Sequence[int] | None = None,
+) -> MaskHead:
+    """``in_channels``: the neck's channels; ``num_classes``: the detector's ``K``;
+    ``feature_levels``: the levels of the feature maps it is given (default: the spec's RoI
+    Align levels)."""
+    align = spec.roi_align
     return MaskHead(
         in_channels=in_channels,
         num_classes=num_classes,
@@ -124,6 +247,17 @@ def build_mask_head(spec: specs.MaskHead, *, in_channels: int, num_classes: int)
         channels=spec.channels,
         dilation=spec.dilation,
         norm=spec.norm,
+        levels=align.levels,
+        feature_levels=feature_levels,
+        output_size=align.output_size,
+        sampling_ratio=align.sampling_ratio,
+        canonical_scale=align.canonical_scale,
+        canonical_level=align.canonical_level,
+        aligned=align.aligned,
+        max_rois=spec.max_rois,
+        loss_weight=spec.loss_weight,
+        threshold=spec.threshold,
+        paste_padding=spec.paste_padding,
     )
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "RoIHeads",
     "RoIOutputs",
     "build_roi_heads",
+    "pool_pyramid",
     "rename_torchvision_keys",
     "roi_loss",
     "roi_postprocess",
@@ -211,23 +212,8 @@ class RoIHeads(nn.Module):
     def pool(
         self, features: Sequence[Float[Tensor, "B C H W"]], boxes: Float[Tensor, "B R 4"]
     ) -> Float[Tensor, "B R C h w"]:
-        """Each RoI's features from its pyramid level."""
-        if len(features) != len(self.feature_levels):
-            raise ValueError(
-                f"expected {len(self.feature_levels)} feature maps (levels "
-                f"{self.feature_levels}), got {len(features)}"
-            )
-        first = self.feature_levels.index(self.levels[0])
-        return multiscale_roi_align(
-            features[first : first + len(self.levels)],
-            boxes,
-            levels=self.levels,
-            output_size=self.output_size,
-            sampling_ratio=self.sampling_ratio,
-            canonical_scale=self.canonical_scale,
-            canonical_level=self.canonical_level,
-            aligned=self.aligned,
-        )
+        """Each RoI's features from its pyramid level (:func:`pool_pyramid`)."""
+        return pool_pyramid(self, features, boxes)
 
     def forward(
         self, features: Sequence[Float[Tensor, "B C H W"]], boxes: Float[Tensor, "B R 4"]
@@ -239,6 +225,35 @@ class RoIHeads(nn.Module):
             class_logits=class_logits.unflatten(0, (batch, num_rois)),  # [B, R, K + 1]
             box_deltas=box_deltas.unflatten(0, (batch, num_rois)),  # [B, R, C, 4]
         )
+
+
+def pool_pyramid(
+    pooler: RoIHeads | nn.Module,
+    features: Sequence[Float[Tensor, "B C H W"]],
+    boxes: Float[Tensor, "B R 4"],
+) -> Float[Tensor, "B R C h w"]:
+    """RoI Align of ``boxes`` with the settings a pooling module keeps (``feature_levels``,
+    ``levels``, ``output_size``, ``sampling_ratio``, ``canonical_scale``, ``canonical_level``,
+    ``aligned``; the RoI heads and the mask head): ``features`` are the maps of its
+    ``feature_levels``, the RoIs are pooled from those of its ``levels``
+    (:func:`fdet.ops.roi.multiscale_roi_align`)."""
+    feature_levels, levels = pooler.feature_levels, pooler.levels
+    if len(features) != len(feature_levels):
+        raise ValueError(
+            f"expected {len(feature_levels)} feature maps (levels {feature_levels}), "
+            f"got {len(features)}"
+        )
+    first = feature_levels.index(levels[0])
+    return multiscale_roi_align(
+        features[first : first + len(levels)],
+        boxes,
+        levels=levels,
+        output_size=pooler.output_size,
+        sampling_ratio=pooler.sampling_ratio,
+        canonical_scale=pooler.canonical_scale,
+        canonical_level=pooler.canonical_level,
+        aligned=pooler.aligned,
+    )
 
 
 @register(specs.RoIHead)
