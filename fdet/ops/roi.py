@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,6 @@ from fdet.ops.postprocess import Detections, batched_nms
 from fdet.ops.sample import sample_balanced
 
 __all__ = [
-    "OFF_MAP",
     "SampledRoIs",
     "append_gt_boxes",
     "multiscale_roi_align",
@@ -41,12 +40,6 @@ __all__ = [
     "sample_rois",
     "select_class_deltas",
 ]
-
-OFF_MAP = -1.0e4
-"""The coordinate an RoI is moved to on the pyramid levels it is not pooled from (see
-:func:`multiscale_roi_align`): far outside any feature map at any scale, and still finite in
-float16 and bfloat16."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Pooling
@@ -82,6 +75,108 @@ def roi_levels(
     return level.clamp(min=min_level, max=max_level).to(torch.int64)
 
 
+@torch.library.custom_op("fdet::roi_align_levels", mutates_args=())
+def _roi_align_levels_op(
+    features: list[Tensor],
+    rois: Tensor,
+    level: Tensor,
+    scales: list[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    channels = features[0].shape[1]
+    out = rois.new_zeros((rois.shape[0], channels, pooled_height, pooled_width))
+    for i, (feature, scale) in enumerate(zip(features, scales)):  # a loop over pyramid levels
+        index = (level == i).nonzero().squeeze(1)
+        if index.numel():
+            out[index] = torch.ops.torchvision.roi_align(
+                feature, rois[index], scale, pooled_height, pooled_width, sampling_ratio, aligned
+            )
+    return out
+
+
+@_roi_align_levels_op.register_fake
+def _(
+    features: list[Tensor],
+    rois: Tensor,
+    level: Tensor,
+    scales: list[float],
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    return rois.new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("fdet::roi_align_levels_backward", mutates_args=())
+def _roi_align_levels_backward_op(
+    grad: Tensor,
+    rois: Tensor,
+    level: Tensor,
+    shapes: list[int],
+    scales: list[float],
+    sampling_ratio: int,
+    aligned: bool,
+) -> list[Tensor]:
+    pooled_height, pooled_width = grad.shape[-2:]
+    grads = []
+    for i, scale in enumerate(scales):  # a loop over pyramid levels
+        shape = shapes[4 * i : 4 * i + 4]  # [B, C, H_l, W_l]
+        index = (level == i).nonzero().squeeze(1)
+        if index.numel():
+            grads.append(
+                torch.ops.torchvision._roi_align_backward(
+                    grad[index].contiguous(),
+                    rois[index],
+                    scale,
+                    pooled_height,
+                    pooled_width,
+                    *shape,
+                    sampling_ratio,
+                    aligned,
+                )
+            )
+        else:
+            grads.append(grad.new_zeros(shape))
+    return grads
+
+
+@_roi_align_levels_backward_op.register_fake
+def _(
+    grad: Tensor,
+    rois: Tensor,
+    level: Tensor,
+    shapes: list[int],
+    scales: list[float],
+    sampling_ratio: int,
+    aligned: bool,
+) -> list[Tensor]:
+    return [grad.new_empty(shapes[4 * i : 4 * i + 4]) for i in range(len(scales))]
+
+
+def _roi_align_levels_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    features, rois, level, scales, _, _, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, level)
+    ctx.shapes = [int(n) for f in features for n in f.shape]  # [B, C, H_l, W_l] a level
+    ctx.scales, ctx.sampling_ratio, ctx.aligned = scales, sampling_ratio, aligned
+
+
+def _roi_align_levels_grad(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+    rois, level = ctx.saved_tensors
+    grads = _roi_align_levels_backward_op(
+        grad, rois, level, ctx.shapes, ctx.scales, ctx.sampling_ratio, ctx.aligned
+    )
+    return grads, None, None, None, None, None, None, None
+
+
+_roi_align_levels_op.register_autograd(
+    _roi_align_levels_grad, setup_context=_roi_align_levels_setup
+)
+
+
 def multiscale_roi_align(
     features: Sequence[Float[Tensor, "B C H_l W_l"]],
     boxes: Float[Tensor, "B R 4"],
@@ -103,34 +198,20 @@ def multiscale_roi_align(
     aligned)``: a ``h × w`` grid of bins, each the mean of ``sampling_ratio²`` bilinear samples
     (``sampling_ratio <= 0``: ``ceil(bin size)`` samples a side).
 
-    **How the levels are split.** Every level runs the kernel over all ``B · R`` RoIs, but the
-    RoIs of other levels are first moved off the map (all four coordinates :data:`OFF_MAP`).
-    The kernel gives exactly 0 for a sample outside the map without reading it, and its
-    backward adds nothing there, so the sum over levels is, bit for bit, each RoI pooled from
-    its own level, and the gradient reaches only that level. Shapes are static and there is
-    no index by level: no host sync, no custom operator, one graph under ``torch.compile``.
-    The price is ``L`` kernel launches over all RoIs where each RoI does real work once.
+    **How the levels are split.** The custom operator ``fdet::roi_align_levels`` runs the
+    kernel once a level on that level's RoIs (found with ``nonzero`` inside the operator) and
+    writes them into one ``[N, C, h, w]`` output; its backward operator runs torchvision's
+    ``_roi_align_backward`` on the same shares. That is what torchvision's
+    ``MultiScaleRoIAlign`` computes, bit for bit, values and gradients, at the same cost. To
+    the caller and to ``torch.compile`` the operator has a static output shape (a fake
+    implementation), so the graph has no data-dependent shape and no break; the split inside
+    costs a host sync a level on CUDA, as torchvision's does.
 
-    Measured on CPU (CPU time of one thread, best of 3): B=2, R=512, 256 channels, 7×7,
-    sampling ratio 2, P2–P5 of an 800×1216 input (200×304 … 25×38), RoI sides log-uniform from
-    4 to ~1000 px (731, 161, 110 and 22 RoIs on P2 … P5):
-
-    ================================================  =========  ==============
-    levels split by                                    forward    forward + back
-    ================================================  =========  ==============
-    pooling all RoIs on every level, then selecting    1031 ms    3829 ms
-    moving the other levels' RoIs off the map (fdet)    679 ms    1806 ms
-    indexing by level (torchvision)                     341 ms    1159 ms
-    ================================================  =========  ==============
-
-    On CPU the off-map RoIs still cost their loop over channels and bins (reading one cached
-    element), so indexing by level is 1.6–2× faster there; pooling everything and selecting
-    is 1.5–2× slower still. On CUDA the forward kernel returns before reading the map for an
-    off-map sample and the backward kernel skips its atomic adds, which leaves the launches,
-    the zeros written and the upstream gradient read, while indexing by level needs the size
-    of each level's share: a host sync per level, and a custom operator (with its own
-    backward) under the compiler. fdet keeps the static form; docs/two_stage.md ("RoI heads")
-    has the details.
+    Measured on CPU (CPU time of one thread, best of 6), forward and backward, against the
+    earlier static form that ran the kernel on every level over all RoIs with the other
+    levels' RoIs moved off the map (where a sample reads nothing, but still costs its loop):
+    16 images × 128 RoIs, 64 channels, P2–P5 of 128² (the shapes case): 266 against 521 ms;
+    2 × 512 RoIs, 256 channels, P2–P5 of 800 × 1216: 805 against 1446 ms.
 
     **Matching torchvision.** ``MultiScaleRoIAlign`` infers each level's scale on its first
     call as ``2 ** round(log2(H_l / H))``, ``H_l`` the level's feature height and ``H`` the
@@ -170,7 +251,7 @@ def multiscale_roi_align(
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     flat = boxes.detach().reshape(-1, 4).to(dtype)  # [N, 4], N = B * R
     finite = flat.isfinite().all(dim=-1)  # [N]
-    flat = torch.where(finite[:, None], flat, OFF_MAP)
+    flat = torch.where(finite[:, None], flat, 0.0)
     level = roi_levels(
         flat,
         min_level=levels[0],
@@ -179,17 +260,19 @@ def multiscale_roi_align(
         canonical_level=canonical_level,
         eps=eps,
     )  # [N]
+    index = torch.where(finite, level - levels[0], -1)  # [N], -1: pooled from no level
     image = torch.arange(batch, device=boxes.device).repeat_interleave(num_rois)  # [N]
-    image = image.to(dtype)[:, None]  # [N, 1]
-    pooled: Tensor | None = None
-    for feature, number in zip(features, levels):  # a loop over pyramid levels
-        here = (level == number)[:, None]  # [N, 1]
-        rois = torch.cat((image, torch.where(here, flat, OFF_MAP).to(dtype)), dim=1)  # [N, 5]
-        out = torch.ops.torchvision.roi_align(
-            feature.to(dtype), rois, 2.0**-number, size[0], size[1], sampling_ratio, aligned
-        )  # [N, C, h, w], exactly 0 for the RoIs of other levels
-        pooled = out if pooled is None else pooled + out
-    assert pooled is not None
+    rois = torch.cat((image.to(dtype)[:, None], flat), dim=1)  # [N, 5]
+    pooled = _roi_align_levels_op(
+        [feature.to(dtype) for feature in features],
+        rois,
+        index,
+        [2.0**-number for number in levels],
+        size[0],
+        size[1],
+        sampling_ratio,
+        aligned,
+    )  # [N, C, h, w]
     return pooled.to(out_dtype).reshape(batch, num_rois, *pooled.shape[1:])
 
 

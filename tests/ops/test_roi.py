@@ -26,7 +26,6 @@ from torchvision.ops.poolers import LevelMapper
 
 from fdet.ops.coding import decode_deltas
 from fdet.ops.roi import (
-    OFF_MAP,
     SampledRoIs,
     multiscale_roi_align,
     roi_detections,
@@ -113,8 +112,7 @@ def test_multiscale_roi_align_matches_torchvision(seed, batch, rois, image) -> N
 
 def test_multiscale_roi_align_levels_options() -> None:
     """Each RoI equals roi_align from its own level, with aligned sampling and adaptive
-    sampling too; RoIs of other levels (off the map) contribute nothing; non-finite boxes
-    pool zeros."""
+    sampling too; non-finite boxes pool zeros."""
     g = torch.Generator().manual_seed(0)
     features = _pyramid(g, 2, 3, 128)
     boxes = random_boxes(g, (2, 6), image_size=128, min_size=4, max_size=128)
@@ -133,10 +131,41 @@ def test_multiscale_roi_align_levels_options() -> None:
                     features[lvl - 2][b : b + 1], roi, (5, 3), 2.0**-lvl, ratio, aligned
                 )
                 torch.testing.assert_close(got[b, r], want[0], rtol=0, atol=0)
-    off = torch.tensor([[[OFF_MAP] * 4]])
-    for f, lvl in zip(features, LEVELS):  # an off-map RoI is zero on every level
-        roi = torch.cat((torch.zeros(1, 1), off[0]), dim=1)
-        assert (roi_align(f[:1], roi, 7, 2.0**-lvl, 2, False) == 0).all()
+
+
+@pytest.mark.compile
+def test_pyramid_operator_passes_opcheck_and_compiles_with_gradients() -> None:
+    """``fdet::roi_align_levels`` and its backward: torch.library's checks (schema, fake
+    kernel, autograd registration), and forward and feature gradients under
+    ``torch.compile(fullgraph=True)`` equal to eager, with a level no RoI lands on."""
+    g = torch.Generator().manual_seed(4)
+    features = [f.requires_grad_() for f in _pyramid(g, 2, 3, 128)]
+    boxes = random_boxes(g, (2, 5), image_size=64, min_size=8, max_size=64)
+    boxes[1, 4] = math.nan  # pooled from no level
+    kw = {"canonical_scale": 224.0, "canonical_level": 4, "levels": LEVELS}
+    kw |= {"output_size": 7, "sampling_ratio": 2}
+    level = roi_levels(boxes, min_level=2, max_level=5, canonical_scale=224.0, canonical_level=4)
+    assert not (level == 5).any()  # P5 gets no RoI: its gradient is zeros
+    rois = torch.cat((torch.arange(2.0).repeat_interleave(5)[:, None], boxes.reshape(-1, 4)), 1)
+    index = torch.where(rois[:, 1:].isfinite().all(1), level.flatten() - 2, -1)
+    rois = torch.where(rois.isfinite(), rois, 0.0)
+    args = (features, rois, index, [2.0**-lvl for lvl in LEVELS], 7, 7, 2, False)
+    torch.library.opcheck(torch.ops.fdet.roi_align_levels.default, args)
+
+    def run(*features):
+        return multiscale_roi_align(list(features), boxes, **kw)
+
+    want = run(*features)
+    upstream = torch.randn(want.shape, generator=g)
+    want_grads = torch.autograd.grad(want, features, upstream)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    got = compiled(*features)
+    got_grads = torch.autograd.grad(got, features, upstream)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got[1, 4] == 0).all()
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (got_grads[3] == 0).all() and got_grads[0].abs().sum() > 0
 
 
 def test_half_precision_features_pool_in_float32() -> None:
