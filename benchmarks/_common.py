@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -126,3 +127,96 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of an fdet-against-a-reference benchmark: results, compiling, printing
+# ---------------------------------------------------------------------------------------------
+
+BUSY = 0.8  # a row whose matmul rate falls below this share of the run's best was contended
+
+
+@dataclass
+class Result:
+    """One row: the seconds of every timed call of each contender (one of them named
+    ``reference``, e.g. "torchvision"), FLOPs of one call of each side (end-to-end rows), cold
+    compile times, the matmul rate around the row, and notes."""
+
+    name: str
+    what: str
+    times: dict[str, list[float]]
+    flops: dict[str, int] = field(default_factory=dict)
+    compile_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+
+    def median(self, contender: str) -> float:
+        return median(self.times[contender])
+
+
+def compile_cold(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Callable[[], Any], float]:
+    """``torch.compile(fn, fullgraph=True)`` bound to ``args``, and the seconds of its first
+    call, with inductor's caches off (a cold compile)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(fn, fullgraph=True)
+    with inductor_config.patch(force_disable_caches=True):
+        seconds, _ = timed(lambda: compiled(*args))
+    return lambda: compiled(*args), seconds
+
+
+def select_rows(arg: str | None, names: Sequence[str]) -> list[str]:
+    """The rows a ``--rows`` argument names (comma-separated names or prefixes), in the
+    script's order; all of them for an empty argument."""
+    if not arg:
+        return list(names)
+    chosen: list[str] = []
+    for token in (t.strip() for t in arg.split(",") if t.strip()):
+        hits = [r for r in names if r == token or r.startswith(token)]
+        if not hits:
+            raise SystemExit(f"--rows: unknown row {token!r}; rows are {', '.join(names)}")
+        chosen += [h for h in hits if h not in chosen]
+    return [r for r in names if r in chosen]
+
+
+def print_result(result: Result) -> None:
+    """A row's runs, FLOPs, notes and matmul rates, as the scripts print them."""
+    print(f"\n## {result.name}: {result.what}")
+    for contender, runs in result.times.items():
+        cells = " ".join(format_seconds(t) for t in runs)
+        extra = ""
+        if contender in result.compile_s:
+            extra = f"  (cold compile, first call: {format_seconds(result.compile_s[contender])})"
+        print(f"  {contender:<14} {format_seconds(median(runs)):>8}   runs: {cells}{extra}")
+    for side, flops in result.flops.items():
+        print(f"  {side:<14} {flops / 1e9:.1f} GFLOP a call")
+    for note in result.notes:
+        print(f"  {note}")
+    if len(result.rates) == 2:
+        before, after = result.rates
+        print(f"  matmul GFLOP/s before / after the row: {before:.0f} / {after:.0f}")
+
+
+def summary(results: Sequence[Result], rate: float, best_mm: float, reference: str) -> str:
+    """The table of every row: each fdet contender's median against ``reference``'s, their
+    ratio, and for rows with FLOPs the floor (fdet's FLOPs at ``rate`` FLOP/s). A row whose
+    matmul rate fell below ``BUSY`` of ``best_mm`` is marked busy."""
+    rows = []
+    for r in results:
+        ref = r.median(reference)
+        busy = "" if min(r.rates, default=best_mm) >= BUSY * best_mm else " (busy)"
+        for contender in r.times:
+            if contender == reference:
+                continue
+            t = r.median(contender)
+            cells = [r.name + busy, contender, format_seconds(t), format_seconds(ref)]
+            cells.append(f"{ref / t:.2f}")
+            if r.flops:
+                floor = r.flops["fdet"] / rate
+                cells += [f"{r.flops['fdet'] / 1e9:.0f}", format_seconds(floor), f"{t / floor:.2f}"]
+            else:
+                cells += ["–"] * 3
+            rows.append(cells)
+    short = "tv" if reference == "torchvision" else reference
+    header = ["row", "", "fdet", reference, f"{short}/fdet", "GFLOP", "floor", "fdet/floor"]
+    return table(header, rows)
