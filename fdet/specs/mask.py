@@ -26,7 +26,9 @@ class MaskHead(Spec):
     """Mask R-CNN's mask branch (:class:`fdet.models.detectors.two_stage.mask_head.MaskHead`).
 
     - ``roi_align``: how RoI features are pooled for it; ``output_size`` ``p`` gives masks of
-      ``2p × 2p`` (:attr:`mask_size`).
+      ``2p × 2p`` (:attr:`mask_size`). Its ``aligned`` also says how the gt masks are cut into
+      targets (:func:`fdet.ops.masks.mask_targets`): False as torchvision, True (Detectron2's)
+      at pixel centres, where the predicted masks are pasted back.
     - ``num_convs`` 3×3 convs of ``channels`` with ``dilation``, ``norm`` (None: plain convs
       with a bias; a norm: convs without bias, then the norm) and ReLU; then a 2×2 stride-2
       transposed conv of ``channels`` with ReLU and a 1×1 conv to one logit map per class.

@@ -134,7 +134,7 @@ def test_spec_files_are_their_faster_rcnn_with_a_mask_head() -> None:
         assert attrs.evolve(mask, model=box.model) == box
     shapes = specs.load(ROOT / "specs/shapes/mask_rcnn_r18_fpn.py", specs.Experiment).model
     head, box_align = shapes.mask_head, shapes.roi_head.roi_align
-    assert head.roi_align == attrs.evolve(box_align, output_size=14)
+    assert head.roi_align == attrs.evolve(box_align, output_size=14, aligned=True)
     sampler = shapes.roi_head.sampler
     assert head.max_rois >= int(sampler.num_samples * sampler.positive_fraction)
 

@@ -85,6 +85,41 @@ def test_targets_by_hand() -> None:
     torch.testing.assert_close(other[0, [0, 2]], targets[0, [0, 2]])
 
 
+def test_aligned_targets_by_hand() -> None:
+    """``aligned=True`` puts pixel ``k``'s value at ``k + 0.5``: over the whole 16-wide image
+    with 4 bins of 4 samples (at x = 0.5, ..., 15.5) the left-half mask reads 1 1 0 0 exactly
+    (sample x = 7.5 is pixel 7's centre)."""
+    masks = torch.zeros(1, 1, 8, 16, dtype=torch.uint8)
+    masks[0, 0, :, :8] = 1
+    rois = torch.tensor([[[0.0, 0.0, 16.0, 8.0]]])
+    targets = mask_targets(masks, rois, torch.zeros(1, 1, dtype=torch.long), size=4, aligned=True)
+    torch.testing.assert_close(targets[0, 0], torch.tensor([1.0, 1.0, 0.0, 0.0]).expand(4, 4))
+
+
+def test_aligned_targets_paste_back_closer_to_the_mask() -> None:
+    """The objects of eight shapes-set images (fdet.data.shapes.render, 8 to 64 pixels) cut at
+    their own tight boxes into 28 × 28 targets and pasted back at those boxes: with
+    ``aligned=True`` the round trip keeps more of the masks than with torchvision's
+    ``aligned=False``, which samples half a pixel off the place :func:`paste_masks` puts the
+    values back (measured: mean IoU 0.94 against 0.87 on the val set's first 32 images)."""
+    from fdet.data.shapes import render
+
+    ious: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+    for index in range(8):
+        r = render(0, "val", index, size=128, min_object_size=8, max_objects=12)
+        masks = torch.from_numpy(r.masks).to(torch.uint8)[None]  # [1, N, H, W]
+        boxes = torch.from_numpy(r.boxes).float()[None]  # [1, N, 4]
+        index_ = torch.arange(masks.shape[1])[None]
+        for aligned in (False, True):
+            targets = mask_targets(masks, boxes, index_, size=28, aligned=aligned)
+            back = paste_masks(targets, boxes, (128, 128), padding=1, threshold=0.5)[0]
+            gt = masks[0].bool()
+            inter = (back & gt).flatten(1).sum(1).float()
+            ious[aligned].append(inter / (back | gt).flatten(1).sum(1).float())
+    mean = {k: torch.cat(v).mean().item() for k, v in ious.items()}
+    assert mean[True] >= 0.9 and mean[True] > mean[False] + 0.03, mean
+
+
 def test_targets_without_gt_slots_or_rois_are_empty() -> None:
     rois = torch.tensor([[[0.0, 0.0, 4.0, 4.0]]])
     assert (

@@ -201,7 +201,7 @@ class MaskHead(nn.Module):
             sampled.boxes, sampled.labels - 1, sampled.gt_index, positive, max_rois=self.max_rois
         )
         logits = self.mask_logits(features, rois.boxes)  # [B, P, K, m, m]
-        return mask_loss_term(logits, gt_masks, rois, weight=self.loss_weight)
+        return mask_loss_term(logits, gt_masks, rois, weight=self.loss_weight, aligned=self.aligned)
 
     def postprocess(
         self,
@@ -304,9 +304,11 @@ def mask_loss_term(
     rois: MaskRoIs,
     *,
     weight: float = _SPEC.loss_weight,
+    aligned: bool = _SPEC.roi_align.aligned,
 ) -> Term:
     """The ``"mask"`` term: per-class BCE of each positive RoI's class channel against its
-    RoI-aligned gt mask (:func:`fdet.ops.masks.mask_targets`, :func:`fdet.ops.masks.mask_loss`),
+    RoI-aligned gt mask (:func:`fdet.ops.masks.mask_targets` with ``aligned``, the mask head's
+    RoI Align setting; :func:`fdet.ops.masks.mask_loss`),
 
         L_mask = Σ_{r positive} Σ_{i,j} BCE(x_r[k_r, i, j], t_r[i, j]) / (num_pos · m²),
 
@@ -315,7 +317,9 @@ def mask_loss_term(
     masks (``Batch.gt_masks``) in the input's pixels.
     """
     size = mask_logits.shape[-1]
-    targets = mask_targets(gt_masks, rois.boxes, rois.gt_index, size=size)  # [B, P, m, m]
+    targets = mask_targets(
+        gt_masks, rois.boxes, rois.gt_index, size=size, aligned=aligned
+    )  # [B, P, m, m]
     per_roi = mask_loss(mask_logits, targets, rois.labels, rois.positive)  # [B, P]
     count = rois.positive.sum().to(per_roi.dtype) * (size * size)
     return Term(per_roi.sum(), count, float(weight))
