@@ -21,7 +21,9 @@ pretrained weights (the backbone's norms are ``BatchNorm2d``), and converted to 
   fdet's ``rpn`` + ``loss`` (RPN loss, proposals, sampling, RoI head, RoI loss; Mask R-CNN:
   the mask loss too), eager and compiled with ``torch.compile(fullgraph=True)``, against
   torchvision's ``rpn(…)`` and ``roi_heads(…)`` losses in training mode; 8 images × 30
-  objects at 512². The forward only: no backward.
+  objects at 512². The forward only: no backward. The predictors are rescaled as for
+  ``infer``, so that enough proposals survive NMS to fill each image's 512 RoI slots, as with a
+  trained RPN.
 - ``postprocess``: proposals + RoI head + detections (Mask R-CNN: the mask head on the
   detections, box-frame probabilities on both sides) from the same features, fdet's ``rpn`` +
   ``postprocess`` (eager and compiled) against torchvision's ``rpn`` + ``roi_heads`` in eval
@@ -304,8 +306,14 @@ def infer_row(settings: Settings) -> Result:
 def objective_row(settings: Settings) -> Result:
     batch, objects, size = settings.objective
     masks = settings.model == "mask"
-    tv, detector = r50_pair(settings.model, size)
-    features = backbone_features(tv, random_images(batch, size, seed=1))
+    tv = tv_model(settings.model, size)
+    images = random_images(batch, size, seed=1)
+    # a spread of RPN scores as a trained RPN has: enough proposals survive NMS to fill every
+    # image's 512 RoI slots (a random RPN leaves about 400, and fdet's static slots would run
+    # the box head on the padding where torchvision samples fewer RoIs)
+    calibrate_scores(tv, images)
+    detector = load_torchvision(tv)
+    features = backbone_features(tv, images)
     truth = random_truth(
         batch, (objects, objects), size, torch.Generator().manual_seed(1), masks=masks
     )
