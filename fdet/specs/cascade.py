@@ -30,9 +30,9 @@ from fdet.specs.mask import MaskHead
 from fdet.specs.necks import FPN
 from fdet.specs.roi import RoIHead
 from fdet.specs.rpn import RPN
-from fdet.specs.two_stage import check_two_stage, pyramid_levels_of
+from fdet.specs.two_stage import FasterRCNN, check_two_stage, pyramid_levels_of
 
-__all__ = ["CASCADE_STAGES", "CascadeRCNN", "ScoreRoIs", "cascade_stage"]
+__all__ = ["CASCADE_STAGES", "CascadeRCNN", "ScoreRoIs", "cascade_from", "cascade_stage"]
 
 ScoreRoIs = Literal["last", "own"]
 """Which RoIs the stages' classifiers score at test time (see :class:`CascadeRCNN`)."""
@@ -161,3 +161,20 @@ class CascadeRCNN(Detector):
     def num_stages(self) -> int:
         """The number of Fast R-CNN stages."""
         return len(self.stages)
+
+
+def cascade_from(faster: FasterRCNN) -> CascadeRCNN:
+    """The paper's Cascade R-CNN on a Faster R-CNN spec: its backbone, neck, pooled levels, RPN
+    and normalization, and three stages made of its RoI head by :func:`cascade_stage` (IoU
+    0.5, 0.6, 0.7 with the paper's ``stds``), weighted 1, 0.5, 0.25. A change to the Faster
+    R-CNN spec reaches the cascade."""
+    return CascadeRCNN(
+        num_classes=faster.num_classes,
+        backbone=faster.backbone,
+        neck=faster.neck,
+        max_pool_levels=faster.max_pool_levels,
+        rpn=faster.rpn,
+        stages=tuple(cascade_stage(faster.roi_head, iou=iou, stds=stds) for iou, stds in _PAPER),
+        stage_weights=(1.0, 0.5, 0.25),
+        normalize=faster.normalize,
+    )

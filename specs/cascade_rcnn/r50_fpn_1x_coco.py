@@ -13,27 +13,13 @@ from pathlib import Path
 
 import attrs
 
-from fdet import specs
 from fdet.specs import load_module
-from fdet.specs.cascade import cascade_stage
+from fdet.specs.cascade import cascade_from
 
 FASTER_RCNN = load_module(Path(__file__).parents[1] / "faster_rcnn" / "r50_fpn_1x_coco.py")
 
 _BASE = FASTER_RCNN.MODEL
 
-MODEL = specs.CascadeRCNN(
-    num_classes=_BASE.num_classes,
-    backbone=_BASE.backbone,
-    neck=_BASE.neck,
-    max_pool_levels=_BASE.max_pool_levels,
-    rpn=_BASE.rpn,
-    stages=(
-        cascade_stage(_BASE.roi_head, iou=0.5, stds=(0.1, 0.1, 0.2, 0.2)),
-        cascade_stage(_BASE.roi_head, iou=0.6, stds=(0.05, 0.05, 0.1, 0.1)),
-        cascade_stage(_BASE.roi_head, iou=0.7, stds=(0.033, 0.033, 0.067, 0.067)),
-    ),
-    stage_weights=(1.0, 0.5, 0.25),
-    normalize=_BASE.normalize,
-)
+MODEL = cascade_from(_BASE)
 
 EXPERIMENT = attrs.evolve(FASTER_RCNN.EXPERIMENT, model=MODEL)
