@@ -226,8 +226,17 @@ def mask_head_note(detector: nn.Module) -> list[str]:
     if head is None:
         return []
     rois = getattr(head, "max_rois", None)
-    where = "every sampled RoI slot" if rois is None else f"at most {rois} positive RoIs"
-    return [f"fdet's mask head trains on {where} an image; torchvision's on the positives only"]
+    multiple = getattr(head, "slot_multiple", None)
+    if rois is None:
+        where = "every sampled RoI slot an image"
+    elif multiple is None:
+        where = f"{rois} slots an image (positives gathered)"
+    else:
+        where = (
+            f"the batch's positives packed in a multiple of {multiple} slots (eager; "
+            f"compiled: {rois} slots an image)"
+        )
+    return [f"fdet's mask head trains on {where}; torchvision's on the positives of each image"]
 
 
 def count_detections(tv_out: Any) -> int:

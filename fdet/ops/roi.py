@@ -188,6 +188,7 @@ def multiscale_roi_align(
     canonical_level: int,
     aligned: bool = False,
     eps: float = 1e-6,
+    image: Int[Tensor, "B R"] | None = None,
 ) -> Float[Tensor, "B R C h w"]:
     """RoI Align (He et al., Mask R-CNN) of every RoI from its own pyramid level.
 
@@ -231,6 +232,9 @@ def multiscale_roi_align(
         sampling_ratio, aligned: as ``torchvision.ops.roi_align`` (``aligned`` shifts the
             pixel model by half a pixel, as Detectron2; torchvision's detectors use False).
         canonical_scale, canonical_level, eps: the level rule, see :func:`roi_levels`.
+        image: the image of each RoI, an index into the features' batch (default: row ``b`` of
+            ``boxes`` is image ``b``); RoIs of several images packed into one row (``[1, R]``)
+            take it.
 
     Returns:
         ``[B, R, C, h, w]`` in the features' dtype (computed in float32 at least).
@@ -261,7 +265,15 @@ def multiscale_roi_align(
         eps=eps,
     )  # [N]
     index = torch.where(finite, level - levels[0], -1)  # [N], -1: pooled from no level
-    image = torch.arange(batch, device=boxes.device).repeat_interleave(num_rois)  # [N]
+    if image is None:
+        image = torch.arange(batch, device=boxes.device).repeat_interleave(num_rois)  # [N]
+    elif image.shape != boxes.shape[:2]:
+        raise ValueError(
+            f"multiscale_roi_align: image indices {tuple(image.shape)} for RoIs "
+            f"{tuple(boxes.shape[:2])}"
+        )
+    else:
+        image = image.reshape(-1)
     rois = torch.cat((image.to(dtype)[:, None], flat), dim=1)  # [N, 5]
     pooled = _roi_align_levels_op(
         [feature.to(dtype) for feature in features],

@@ -37,6 +37,12 @@ class MaskHead(Spec):
       that many slots (:func:`fdet.ops.masks.take_positive_rois`); None: every sampled RoI's
       slot (the positives are still the only ones that count). Set it to at least the
       sampler's most positives an image to leave none out.
+    - ``slot_multiple``: in eager training the positives of all images are packed into one
+      row of the smallest multiple of ``slot_multiple`` slots that holds them
+      (:func:`fdet.ops.masks.pack_positive_rois`), so the head runs on about as many RoIs as
+      the batch has positives, at the price of one host sync a step and a shape that changes
+      from step to step. None, and always under ``torch.compile``: ``max_rois`` slots an
+      image, a static shape. The loss is the same either way (padded slots never count).
     - ``threshold``: a pasted mask probability above it is foreground.
     - ``paste_padding``: zeros around each ``m × m`` mask before it is pasted
       (:func:`fdet.ops.masks.paste_masks`).
@@ -49,11 +55,13 @@ class MaskHead(Spec):
     norm: Norm | None = attrs.field(default=None, validator=spec_of(Norm, optional=True))
     loss_weight: float = attrs.field(default=1.0, validator=non_negative)
     max_rois: int | None = attrs.field(default=128)
+    slot_multiple: int | None = attrs.field(default=16)
     threshold: float = attrs.field(default=0.5, validator=probability)
     paste_padding: int = attrs.field(default=1, validator=non_negative)
 
     @max_rois.validator
-    def _check_max_rois(self, attribute: attrs.Attribute, value: int | None) -> None:
+    @slot_multiple.validator
+    def _positive_or_none(self, attribute: attrs.Attribute, value: int | None) -> None:
         if value is not None:
             positive(self, attribute, value)
 

@@ -22,6 +22,7 @@ from fdet.models.detectors.two_stage.mask_head import (
     mask_loss_term,
     mask_postprocess,
     mask_training_rois,
+    pack_mask_rois,
 )
 from fdet.models.detectors.two_stage.mask_rcnn import MaskRCNN
 from fdet.ops.masks import paste_masks
@@ -197,7 +198,8 @@ def test_mask_head_pools_its_own_levels_from_the_pyramid() -> None:
 
 def test_loss_adds_the_mask_term_of_the_sampled_positive_rois() -> None:
     """Faster R-CNN's four terms unchanged, and "mask": mask_training_rois of the RoI head's
-    sampled RoIs (positives, labels - 1, max_rois), the head on them, mask_loss_term."""
+    sampled RoIs (positives, labels - 1, max_rois), packed, the head on them,
+    mask_loss_term."""
     model = _model().train()
     batch = _mask_batch()
     keys = _keys(batch)
@@ -216,7 +218,8 @@ def test_loss_adds_the_mask_term_of_the_sampled_positive_rois() -> None:
     rois = mask_training_rois(
         sampled.boxes, sampled.labels - 1, sampled.gt_index, sampled.labels > 0, max_rois=P
     )
-    logits = model.mask_head(model.mask_head.pool(outputs.features, rois.boxes))
+    rois = pack_mask_rois(rois, multiple=TINY_MASK.mask_head.slot_multiple)  # eager training
+    logits = model.mask_head(model.mask_head.pool(outputs.features, rois.boxes, rois.image))
     want = mask_loss_term(logits, batch.gt_masks, rois, weight=1.0)
     mask = terms["mask"]
     torch.testing.assert_close((mask.total, mask.count), (want.total, want.count), rtol=0, atol=0)
@@ -241,6 +244,43 @@ def test_mask_loss_weight_and_max_rois_come_from_the_spec() -> None:
     other = capped.train().loss(outputs, batch, **keys)["mask"]
     torch.testing.assert_close(term.total, other.total, rtol=1e-5, atol=1e-5)
     assert term.count == other.count
+
+
+def test_slot_multiple_packs_the_positives_with_the_same_loss() -> None:
+    """``slot_multiple`` packs the positives of all images into one row of a multiple of it
+    in eager training; the term and the gradients are those of the static ``max_rois`` slots
+    an image."""
+    wide = attrs.evolve(TINY_MASK.mask_head, max_rois=32, slot_multiple=None)
+    static = _model(spec=attrs.evolve(TINY_MASK, mask_head=wide)).train()
+    packed = _model(
+        spec=attrs.evolve(TINY_MASK, mask_head=attrs.evolve(wide, slot_multiple=4))
+    ).train()
+    packed.load_state_dict(static.state_dict())
+    batch = _mask_batch()
+    keys = _keys(batch)
+    rows: dict[str, tuple[int, ...]] = {}
+    terms = {}
+    for name, model in (("static", static), ("packed", packed)):
+        hook = model.mask_head.register_forward_hook(
+            lambda module, args, out, name=name: rows.__setitem__(name, tuple(args[0].shape[:2]))
+        )
+        term = model.loss(model(batch.images), batch, **keys)["mask"]
+        hook.remove()
+        term.value().backward()
+        terms[name] = term
+    sampled = static.training_outputs(
+        static(batch.images), batch, roi_keys=keys["roi_keys"]
+    ).sampled
+    count = int(sampled.positive.sum())
+    assert count >= 3 and rows["static"] == (2, 32)
+    assert rows["packed"] == (1, max(4, -(-count // 4) * 4))
+    torch.testing.assert_close(terms["packed"].total, terms["static"].total, rtol=1e-5, atol=1e-6)
+    assert terms["packed"].count == terms["static"].count > 0
+    for (name, a), b in zip(
+        static.mask_head.named_parameters(), packed.mask_head.parameters(), strict=True
+    ):
+        assert a.grad is not None and a.grad.abs().sum() > 0, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_loss_without_gt_masks_says_what_is_missing() -> None:

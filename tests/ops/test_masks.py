@@ -3,6 +3,8 @@ functions, hand-computed cases, padding, batching and the compiler."""
 
 from __future__ import annotations
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -18,6 +20,7 @@ from torchvision.models.detection.roi_heads import (
 from fdet.ops.masks import (
     mask_loss,
     mask_targets,
+    pack_positive_rois,
     paste_masks,
     select_mask_channel,
     take_positive_rois,
@@ -241,6 +244,56 @@ def test_take_positive_rois_properties(seed: int, b: int, s: int, p: int) -> Non
         assert torch.equal(one.roi_index[0], taken.roi_index[i])
 
 
+def test_pack_positive_rois_by_hand() -> None:
+    valid = torch.tensor([[True, True, False, False], [False, False, False, False], [True] * 4])
+    packed = pack_positive_rois(valid, multiple=4)
+    assert packed.index.tolist() == [0, 1, 8, 9, 10, 11, 0, 0]  # 6 valid, padded to 8
+    assert packed.image.tolist() == [0, 0, 2, 2, 2, 2, 0, 0]
+    assert packed.valid.tolist() == [True] * 6 + [False] * 2
+    assert pack_positive_rois(valid, multiple=6).index.shape == (6,)
+    assert pack_positive_rois(valid, multiple=16).index.shape == (12,)  # at most B · P
+    none = pack_positive_rois(torch.zeros(2, 3, dtype=torch.bool), multiple=4)
+    assert none.index.shape == (4,) and not none.valid.any()
+
+
+@settings(max_examples=20)
+@given(seed=seeds, b=st.integers(1, 4), p=st.integers(1, 12), multiple=st.integers(1, 8))
+def test_pack_positive_rois_keeps_every_valid_slot_in_order(
+    seed: int, b: int, p: int, multiple: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(b, p, generator=g) < torch.rand(b, 1, generator=g)
+    packed = pack_positive_rois(valid, multiple=multiple)
+    count = int(valid.sum())
+    slots = packed.index.shape[0]
+    assert slots == min(b * p, max(multiple, math.ceil(count / multiple) * multiple))
+    assert packed.valid[:count].all() and not packed.valid[count:].any()
+    assert packed.index[:count].tolist() == valid.reshape(-1).nonzero().squeeze(1).tolist()
+    images, rows = valid.nonzero().unbind(1)
+    assert packed.image[:count].tolist() == images.tolist()
+    assert (packed.index[:count] % p).tolist() == rows.tolist()
+
+
+def test_mask_targets_of_packed_rois_are_those_of_each_image() -> None:
+    """With ``image``, RoIs of several images in one row are cut from their own image's
+    masks: the same targets as the ``[B, S]`` layout."""
+    g = torch.Generator().manual_seed(5)
+    gt_masks = random_masks(g, (3, 2), 32, 40)
+    rois = rois_in(g, (3, 4), 32)
+    gt_index = torch.randint(0, 2, (3, 4), generator=g)
+    whole = mask_targets(gt_masks, rois, gt_index, size=7, aligned=True)
+    image = torch.arange(3).repeat_interleave(4)[None]  # [1, 12]
+    packed = mask_targets(
+        gt_masks,
+        rois.reshape(1, 12, 4),
+        gt_index.reshape(1, 12),
+        size=7,
+        aligned=True,
+        image=image,
+    )
+    torch.testing.assert_close(packed.reshape(3, 4, 7, 7), whole, rtol=0, atol=0)
+
+
 # --- paste_masks ----------------------------------------------------------------------------
 
 
@@ -380,6 +433,25 @@ def test_paste_gradients_reach_the_probabilities() -> None:
     boxes = torch.tensor([[[2.0, 3.0, 20.0, 15.0], [0.0, 0.0, 8.0, 8.0]]])
     paste_masks(probs, boxes, (20, 24)).sum().backward()
     assert probs.grad is not None and (probs.grad > 0).all()
+
+
+def test_paste_limits_to_each_image_and_valid_slot() -> None:
+    """``image_sizes`` and ``valid`` zero what lies outside each image of a padded batch and
+    the padded slots: the full paste masked afterwards."""
+    g = torch.Generator().manual_seed(4)
+    probs, boxes = paste_case(g, 2, 5, 40, 48, 7)
+    sizes = torch.tensor([[30, 48], [40, 25]])
+    valid = torch.tensor([[True, True, False, True, True], [True, False, True, True, False]])
+    full = paste_masks(probs, boxes, (40, 48))
+    rows = torch.arange(40) < sizes[:, :1]
+    cols = torch.arange(48) < sizes[:, 1:]
+    keep = rows[:, None, :, None] & cols[:, None, None, :] & valid[..., None, None]
+    got = paste_masks(probs, boxes, (40, 48), image_sizes=sizes, valid=valid)
+    torch.testing.assert_close(got, torch.where(keep, full, 0.0), rtol=0, atol=0)
+    binary = paste_masks(probs, boxes, (40, 48), threshold=0.5, image_sizes=sizes, valid=valid)
+    assert torch.equal(binary, keep & (full > 0.5)) and binary.any()
+    with pytest.raises(ValueError, match="threshold"):
+        paste_masks(probs, boxes, (40, 48), threshold=-0.1)
 
 
 def test_paste_rejects_non_square_masks() -> None:

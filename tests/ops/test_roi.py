@@ -133,6 +133,27 @@ def test_multiscale_roi_align_levels_options() -> None:
                 torch.testing.assert_close(got[b, r], want[0], rtol=0, atol=0)
 
 
+def test_multiscale_roi_align_of_rois_packed_in_one_row() -> None:
+    """``image`` names each RoI's image: RoIs of three images in one row, in any order, pool
+    as in the ``[B, R]`` layout, gradients too."""
+    g = torch.Generator().manual_seed(1)
+    features = [f.requires_grad_() for f in _pyramid(g, 3, 2, 96)]
+    boxes = random_boxes(g, (3, 5), image_size=96, min_size=2, max_size=96)
+    whole = _align(features, boxes)
+    order = torch.randperm(15, generator=g)
+    image = torch.arange(3).repeat_interleave(5)[order][None]  # [1, 15]
+    packed = _align(features, boxes.reshape(1, 15, 4)[:, order], image=image)
+    assert packed.shape == (1, 15, 2, 7, 7)
+    torch.testing.assert_close(packed[0], whole.flatten(0, 1)[order], rtol=0, atol=0)
+    upstream = torch.randn(whole.shape, generator=g)
+    want = torch.autograd.grad(whole, features, upstream)
+    got = torch.autograd.grad(packed[0], features, upstream.flatten(0, 1)[order])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="image indices"):
+        _align(features, boxes, image=image)
+
+
 @pytest.mark.compile
 def test_pyramid_operator_passes_opcheck_and_compiles_with_gradients() -> None:
     """``fdet::roi_align_levels`` and its backward: torch.library's checks (schema, fake

@@ -45,7 +45,13 @@ from fdet import specs
 from fdet.models.detectors.base import Term
 from fdet.models.detectors.two_stage.roi_heads import pool_pyramid
 from fdet.models.layers import NormLayer, norm_factory
-from fdet.ops.masks import mask_loss, mask_targets, paste_masks, select_mask_channel
+from fdet.ops.masks import (
+    mask_loss,
+    mask_targets,
+    pack_positive_rois,
+    paste_masks,
+    select_mask_channel,
+)
 from fdet.ops.masks import take_positive_rois as _take_positive_rois
 from fdet.ops.postprocess import Detections
 from fdet.ops.roi import SampledRoIs
@@ -58,6 +64,7 @@ __all__ = [
     "mask_loss_term",
     "mask_postprocess",
     "mask_training_rois",
+    "pack_mask_rois",
     "rename_torchvision_keys",
 ]
 
@@ -79,8 +86,8 @@ class MaskHead(nn.Module):
     :meth:`postprocess`: the RoIs are pooled from the maps of ``levels`` among the
     ``feature_levels`` given (default: ``levels``) with RoI Align of ``output_size`` bins,
     ``sampling_ratio``, the ``canonical_scale`` / ``canonical_level`` level rule and
-    ``aligned``; ``max_rois`` and ``loss_weight`` shape the loss, ``threshold`` and
-    ``paste_padding`` the pasted masks.
+    ``aligned``; ``max_rois``, ``slot_multiple`` and ``loss_weight`` shape the loss,
+    ``threshold`` and ``paste_padding`` the pasted masks.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class MaskHead(nn.Module):
         canonical_level: int = _SPEC.roi_align.canonical_level,
         aligned: bool = _SPEC.roi_align.aligned,
         max_rois: int | None = _SPEC.max_rois,
+        slot_multiple: int | None = _SPEC.slot_multiple,
         loss_weight: float = _SPEC.loss_weight,
         threshold: float = _SPEC.threshold,
         paste_padding: int = _SPEC.paste_padding,
@@ -122,6 +130,7 @@ class MaskHead(nn.Module):
         self.canonical_level = int(canonical_level)
         self.aligned = bool(aligned)
         self.max_rois = None if max_rois is None else int(max_rois)
+        self.slot_multiple = None if slot_multiple is None else int(slot_multiple)
         self.loss_weight = float(loss_weight)
         self.threshold = float(threshold)
         self.paste_padding = int(paste_padding)
@@ -157,23 +166,30 @@ class MaskHead(nn.Module):
         leading = pooled.shape[:-3]
         x = pooled.reshape(-1, *pooled.shape[-3:])  # [R, C, p, p]
         x = self.convs(x)
-        x = torch.relu(self.upsample(x))  # [R, C', 2p, 2p]
+        x = torch.relu_(self.upsample(x))  # [R, C', 2p, 2p]
         x = self.logits(x)  # [R, K, 2p, 2p]
         return x.reshape(*leading, *x.shape[-3:])
 
     def pool(
-        self, features: Sequence[Float[Tensor, "B C H W"]], boxes: Float[Tensor, "B R 4"]
+        self,
+        features: Sequence[Float[Tensor, "B C H W"]],
+        boxes: Float[Tensor, "B R 4"],
+        image: Int[Tensor, "B R"] | None = None,
     ) -> Float[Tensor, "B R C p p"]:
         """Each RoI's features from its pyramid level; ``features`` are the maps of
-        ``feature_levels`` (:func:`~fdet.models.detectors.two_stage.roi_heads.pool_pyramid`)."""
-        return pool_pyramid(self, features, boxes)
+        ``feature_levels`` (:func:`~fdet.models.detectors.two_stage.roi_heads.pool_pyramid`);
+        ``image``: each RoI's image when RoIs of several images are packed in a row."""
+        return pool_pyramid(self, features, boxes, image)
 
     def mask_logits(
-        self, features: Sequence[Float[Tensor, "B C H W"]], boxes: Float[Tensor, "B R 4"]
+        self,
+        features: Sequence[Float[Tensor, "B C H W"]],
+        boxes: Float[Tensor, "B R 4"],
+        image: Int[Tensor, "B R"] | None = None,
     ) -> Float[Tensor, "B R K m m"]:
         """The mask logits of the RoIs ``boxes``: :meth:`pool`, then :meth:`forward`. Padded
         rows get logits too (static shapes); the caller masks them."""
-        return self(self.pool(features, boxes))
+        return self(self.pool(features, boxes, image))
 
     def loss(
         self,
@@ -183,9 +199,10 @@ class MaskHead(nn.Module):
     ) -> Term:
         """The ``"mask"`` term of the RoIs a box stage sampled (:class:`fdet.ops.roi.SampledRoIs`,
         positives ``valid & labels > 0`` with mask channel ``labels - 1``; at most
-        ``max_rois`` an image, :func:`mask_training_rois`) against the batch's padded instance
-        masks ``gt_masks`` in the input's pixels (:func:`mask_loss_term`, weight
-        ``loss_weight``).
+        ``max_rois`` an image, :func:`mask_training_rois`; with ``slot_multiple``, outside
+        ``torch.compile``, those of all images packed into one row, :func:`pack_mask_rois`)
+        against the batch's padded instance masks ``gt_masks`` in the input's pixels
+        (:func:`mask_loss_term`, weight ``loss_weight``).
 
         Raises:
             ValueError: when ``gt_masks`` is None (the data was loaded without masks).
@@ -200,7 +217,9 @@ class MaskHead(nn.Module):
         rois = mask_training_rois(
             sampled.boxes, sampled.labels - 1, sampled.gt_index, positive, max_rois=self.max_rois
         )
-        logits = self.mask_logits(features, rois.boxes)  # [B, P, K, m, m]
+        if self.slot_multiple is not None and not torch.compiler.is_compiling():
+            rois = pack_mask_rois(rois, multiple=self.slot_multiple)  # [1, T]
+        logits = self.mask_logits(features, rois.boxes, rois.image)  # [B, P, K, m, m]
         return mask_loss_term(logits, gt_masks, rois, weight=self.loss_weight, aligned=self.aligned)
 
     def postprocess(
@@ -255,6 +274,7 @@ def build_mask_head(
         canonical_level=align.canonical_level,
         aligned=align.aligned,
         max_rois=spec.max_rois,
+        slot_multiple=spec.slot_multiple,
         loss_weight=spec.loss_weight,
         threshold=spec.threshold,
         paste_padding=spec.paste_padding,
@@ -262,12 +282,15 @@ def build_mask_head(
 
 
 class MaskRoIs(NamedTuple):
-    """The RoIs the mask branch trains on: ``P`` slots an image, positives first."""
+    """The RoIs the mask branch trains on: ``P`` slots an image, positives first; or, packed
+    (:func:`pack_mask_rois`), the positives of all images in one row ``[1, T]`` with the image
+    of each in ``image``."""
 
     boxes: Float[Tensor, "B P 4"]
     labels: Int[Tensor, "B P"]  # mask channels 0..K-1
     gt_index: Int[Tensor, "B P"]  # the matched gt slot
     positive: Bool[Tensor, "B P"]  # False: padding (or a negative RoI when max_rois is None)
+    image: Int[Tensor, "B P"] | None = None  # each RoI's image; None: row b is image b
 
 
 def mask_training_rois(
@@ -298,6 +321,26 @@ def mask_training_rois(
     )
 
 
+def pack_mask_rois(rois: MaskRoIs, *, multiple: int) -> MaskRoIs:
+    """``rois`` (``[B, P]``, one row an image) with the positives of all images packed into
+    one row ``[1, T]``, ``T`` the smallest multiple of ``multiple`` that holds them
+    (:func:`fdet.ops.masks.pack_positive_rois`), ``image`` saying whose each is. The mask head
+    then runs on about as many RoIs as the batch has positives rather than ``B · P``, with the
+    same loss (padding never counts). ``T`` is read on the host: eager code only."""
+    packed = pack_positive_rois(rois.positive, multiple=multiple)
+
+    def take(values: Tensor) -> Tensor:
+        return values.reshape(-1, *values.shape[2:])[packed.index][None]
+
+    return MaskRoIs(
+        boxes=take(rois.boxes),
+        labels=take(rois.labels),
+        gt_index=take(rois.gt_index),
+        positive=packed.valid[None],
+        image=packed.image[None],
+    )
+
+
 def mask_loss_term(
     mask_logits: Float[Tensor, "B P K m m"],
     gt_masks: Shaped[Tensor, "B M H W"],
@@ -318,7 +361,7 @@ def mask_loss_term(
     """
     size = mask_logits.shape[-1]
     targets = mask_targets(
-        gt_masks, rois.boxes, rois.gt_index, size=size, aligned=aligned
+        gt_masks, rois.boxes, rois.gt_index, size=size, aligned=aligned, image=rois.image
     )  # [B, P, m, m]
     per_roi = mask_loss(mask_logits, targets, rois.labels, rois.positive)  # [B, P]
     count = rois.positive.sum().to(per_roi.dtype) * (size * size)
@@ -355,13 +398,14 @@ def mask_postprocess(
         valid = detections.valid[..., None, None]
         return detections._replace(masks=torch.where(valid, probs, torch.zeros_like(probs)))
     masks = paste_masks(
-        probs, detections.boxes, (height, width), padding=padding, threshold=threshold
-    )  # [B, N, H, W]
-    sizes = torch.as_tensor(image_sizes, device=masks.device)
-    rows = torch.arange(height, device=masks.device) < sizes[:, :1]  # [B, H]
-    cols = torch.arange(width, device=masks.device) < sizes[:, 1:]  # [B, W]
-    inside = rows[:, None, :, None] & cols[:, None, None, :]  # [B, 1, H, W]
-    masks = masks & inside & detections.valid[..., None, None]
+        probs,
+        detections.boxes,
+        (height, width),
+        padding=padding,
+        threshold=threshold,
+        image_sizes=image_sizes,
+        valid=detections.valid,
+    )  # [B, N, H, W], False outside each image and on padded slots
     return detections._replace(masks=masks)
 
 

@@ -231,12 +231,14 @@ def pool_pyramid(
     pooler: RoIHeads | nn.Module,
     features: Sequence[Float[Tensor, "B C H W"]],
     boxes: Float[Tensor, "B R 4"],
+    image: Int[Tensor, "B R"] | None = None,
 ) -> Float[Tensor, "B R C h w"]:
     """RoI Align of ``boxes`` with the settings a pooling module keeps (``feature_levels``,
     ``levels``, ``output_size``, ``sampling_ratio``, ``canonical_scale``, ``canonical_level``,
     ``aligned``; the RoI heads and the mask head): ``features`` are the maps of its
     ``feature_levels``, the RoIs are pooled from those of its ``levels``
-    (:func:`fdet.ops.roi.multiscale_roi_align`)."""
+    (:func:`fdet.ops.roi.multiscale_roi_align`; ``image``: each RoI's image, for RoIs of
+    several images packed in a row)."""
     feature_levels, levels = pooler.feature_levels, pooler.levels
     if len(features) != len(feature_levels):
         raise ValueError(
@@ -253,6 +255,7 @@ def pool_pyramid(
         canonical_scale=pooler.canonical_scale,
         canonical_level=pooler.canonical_level,
         aligned=pooler.aligned,
+        image=image,
     )
 
 
