@@ -117,18 +117,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from fdet import specs
     from fdet.data.coco import CocoDataset
     from fdet.data.loader import make_loader
     from fdet.data.transforms import build_transform
     from fdet.eval.classes import category_ids_by_name, run_class_names
     from fdet.eval.coco import format_table
     from fdet.eval.evaluate import evaluate_model_types
+    from fdet.inference.tta import TTAModel
     from fdet.train import load_run
     from fdet.train.engine import check_classes, make_datasets
     from fdet.train.run_dir import resolve_checkpoint
 
+    tta = specs.load(args.tta, specs.TTA, name="TTA") if args.tta else None
     checkpoint = str(resolve_checkpoint(args.run))
     exp, model = load_run(checkpoint, device=args.device)
+    if tta is not None:
+        masks = " (masks are not merged: box AP only)" if _has_masks(exp.model) else ""
+        print(f"fdet eval: test-time augmentation{masks}: {tta}", file=sys.stderr)
+        model = TTAModel(model, tta, size_divisor=exp.val_transforms.pad_divisor)
     if args.images:
         dataset = CocoDataset(
             args.images,
@@ -184,6 +191,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results))
     return 0
+
+
+def _has_masks(model_spec: object) -> bool:
+    return getattr(model_spec, "mask_head", None) is not None
 
 
 def _checkpoint_entries(path: str) -> dict | None:
@@ -309,7 +320,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spec", help="load, validate and print a spec file (.py or .json)")
     p.add_argument("file", help="a spec file")
     p.add_argument(
-        "--name", help="the constant to take from a .py file (default: EXPERIMENT, MODEL)"
+        "--name", help="the constant to take from a .py file (default: EXPERIMENT, MODEL, TTA)"
     )
     p.add_argument("--json", action="store_true", help="print the spec as JSON")
     p.add_argument("--build", action="store_true", help="also build it and count parameters")
@@ -373,6 +384,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("faster", "pycocotools"), default="faster")
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--tta",
+        metavar="FILE",
+        help="evaluate with test-time augmentation: a spec file defining TTA (specs/tta/)",
+    )
+    p.add_argument(
         "--out", type=_output_file("metrics.json"), help="write the metrics as JSON to this file"
     )
     p.add_argument(
@@ -397,6 +413,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--seed", type=_int_at_least(0), default=0)
     q.set_defaults(func=_cmd_data_shapes)
+
+    from fdet.inference.cli import add_infer_parser
+
+    _add_import(add_infer_parser(sub))
+
+    from fdet.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

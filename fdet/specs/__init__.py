@@ -54,6 +54,7 @@ from fdet.specs.schedules import (
 )
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
 from fdet.specs.train import EMA, SGD, AdamW, Experiment, Optimizer, ParamGroups
+from fdet.specs.tta import TTA
 from fdet.specs.two_stage import FasterRCNN, MaskRCNN
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "RPN",
     "SCHEMA_VERSION",
     "SGD",
+    "TTA",
     "ATSSAssigner",
     "ATSSHead",
     "AdamW",

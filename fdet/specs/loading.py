@@ -19,7 +19,7 @@ from fdet.specs.serde import from_json
 
 S = TypeVar("S", bound=Spec)
 
-DEFAULT_NAMES = ("EXPERIMENT", "MODEL")
+DEFAULT_NAMES = ("EXPERIMENT", "MODEL", "TTA")
 """Constants looked up, in order, when :func:`load` is not told which one to take."""
 
 

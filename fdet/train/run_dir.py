@@ -415,10 +415,15 @@ def resume_checkpoint(
 
 
 def load_run(
-    path: str | Path, *, device: str | torch.device = "cpu", best: bool = False
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    best: bool = False,
+    ema: bool = True,
 ) -> tuple[specs.Experiment, nn.Module]:
     """The experiment and trained model of a run folder (its latest checkpoint, or ``best.pt``
-    with ``best``) or of a checkpoint file. With EMA, the model carries the EMA weights.
+    with ``best``) or of a checkpoint file. With EMA, the model carries the EMA weights, unless
+    ``ema`` is False (then the raw weights, as trained).
     :func:`resolve_checkpoint` says which file that is. An unusable checkpoint raises a
     one-line :class:`~fdet.train.checkpoint.CheckpointError`; a device this machine lacks a
     ``ValueError``."""
@@ -430,7 +435,7 @@ def load_run(
     exp = specs.from_json(ckpt["spec"], specs.Experiment, source=f"{p} (spec)")
     model = build(exp.model)
     load_weights(model, ckpt["model"], source=p)
-    if ckpt.get("ema") is not None:
+    if ema and ckpt.get("ema") is not None:
         from fdet.train.ema import ema_load_state_dict
 
         try:

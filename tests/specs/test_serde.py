@@ -136,6 +136,8 @@ LEAF_SPECS = [
     specs.RoIPostprocess,
     specs.RoIHead,
     specs.MaskHead,
+    # test-time augmentation
+    specs.TTA,
 ]
 # drawn with valid parts in the tests below (RetinaNet, Experiment) and in each family's tests
 ROOT_SPECS = [

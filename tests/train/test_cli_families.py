@@ -12,6 +12,7 @@ import pytest
 from fdet import specs
 from fdet.cli import main
 from fdet.train import load_run
+from tests.inference.conftest import tiny_set_args
 
 SHAPES = Path(__file__).resolve().parents[2] / "specs" / "shapes"
 
@@ -40,30 +41,7 @@ FAMILIES = [
 def tiny_overrides(cache: Path) -> list[str]:
     """``--set`` options that shrink any shapes experiment to four steps of four 64² images,
     float32 (the same on every CPU), keeping the file's model otherwise."""
-    sets = {
-        "model.backbone.width": 16,
-        "data.train_images": 8,
-        "data.val_images": 4,
-        "data.image_size": 64,
-        "data.cache_dir": str(cache),
-        "train_transforms.min_size": [64],
-        "train_transforms.max_size": 64,
-        "val_transforms.min_size": [64],
-        "val_transforms.max_size": 64,
-        "batch_size": 4,
-        "schedule.warmup.iters": 2,
-        "iterations": 4,
-        "eval_interval": 4,
-        "eval_images": 4,
-        "checkpoint_interval": 4,
-        "log_interval": 2,
-        "num_workers": 0,
-        "precision": "fp32",
-    }
-    args = []
-    for path, value in sets.items():
-        args += ["--set", f"{path}={json.dumps(value)}"]
-    return args
+    return tiny_set_args(cache)
 
 
 @pytest.mark.parametrize(("file", "family", "terms"), FAMILIES, ids=[f[0] for f in FAMILIES])
