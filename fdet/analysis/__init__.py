@@ -1,0 +1,1 @@
+"""Analysis of detection results and training runs: metrics, plots, statistics."""
