@@ -278,6 +278,29 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_browse(args: argparse.Namespace) -> int:
+    from fdet.viz.browse import browse, open_source
+
+    source = open_source(
+        args.source,
+        images=args.images,
+        split=args.split,
+        transforms=not args.no_transforms,
+        seed=args.seed,
+        overrides=args.set,
+    )
+    index = browse(
+        source.dataset,
+        args.out,
+        count=args.count,
+        seed=source.seed,
+        class_names=source.class_names,
+        title=source.title,
+    )
+    print(f"fdet data browse: wrote {index}")
+    return 0
+
+
 def _import_plugins(items: Sequence[str]) -> None:
     """Import each ``--import`` item: a module name (looked up from the current folder too) or
     a ``.py`` file, so that the spec classes and builders it registers are known."""
@@ -413,6 +436,43 @@ def make_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--seed", type=_int_at_least(0), default=0)
     q.set_defaults(func=_cmd_data_shapes)
+    q = data_sub.add_parser(
+        "browse",
+        help="a gallery of a data set's images with their annotations drawn after the "
+        "training transforms (index.html and a PNG an image)",
+    )
+    q.add_argument(
+        "source",
+        metavar="DATA_SPEC_OR_ANNOTATIONS",
+        help="an experiment spec file (.py or .json), or a COCO annotation file (with --images)",
+    )
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--images", help="the image folder of a COCO annotation file")
+    q.add_argument("--count", type=_int_at_least(1), default=16, help="images to show")
+    q.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=None,
+        help="the seed of the image order and augmentation (default: the experiment's, or 0)",
+    )
+    q.add_argument(
+        "--split",
+        choices=("train", "val"),
+        default=None,
+        help="a spec's training set with train_transforms (default) or validation set with "
+        "val_transforms",
+    )
+    q.add_argument(
+        "--no-transforms", action="store_true", help="the images as stored, not transformed"
+    )
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override one field of the experiment spec (as fdet train --set; repeatable)",
+    )
+    q.set_defaults(func=_cmd_data_browse)
 
     from fdet.inference.cli import add_infer_parser
 
@@ -421,6 +481,10 @@ def make_parser() -> argparse.ArgumentParser:
     from fdet.export.cli import add_export_parser
 
     add_export_parser(sub)
+
+    from fdet.analysis.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 
