@@ -6,7 +6,9 @@ an image, box widths, heights, areas and aspect ratios; :func:`plot_data_statist
 anchor that its assigner would label positive: a box whose best IoU with any anchor stays below
 the assigner's positive threshold is learned only through a low-quality match, or not at all.
 For FCOS it counts the points the assigner makes positive for each box; a box without any is
-never learned.
+never learned. For ATSS and GFL it runs their assigner on the boxes and counts each box's
+positive anchors; for CenterNet it finds each box's centre cell and the boxes that lose their
+size and offset targets to another box centred in the same cell.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ __all__ = [
     "AREA_RANGES",
     "ASPECT_EDGES",
     "SIZE_EDGES",
+    "AdaptiveCoverage",
+    "CentreCoverage",
     "DataStats",
     "Histogram",
     "PointCoverage",
     "PriorCoverage",
+    "centre_map_size",
     "data_statistics",
     "feature_sizes",
     "plot_data_statistics",
@@ -313,6 +318,85 @@ class PointCoverage(NamedTuple):
         return torch.nonzero(~self.reached).flatten()
 
 
+class AdaptiveCoverage(NamedTuple):
+    """How the anchors of an ATSS or GFL detector meet a set of boxes (:func:`prior_coverage`):
+    the detector's own assigner (:func:`fdet.models.detectors.atss.atss_assign`) run on the
+    boxes, those of one image together (they compete for anchors, as in training).
+
+    - ``num_positive[N]``: anchors the assigner makes positive for the box;
+    - ``best_iou[N]``: the box's largest IoU with any anchor;
+    - ``best_level[N]``: the level with most of its positives (0 = the first; 0 where none);
+    - ``reached[N]``: ``num_positive > 0``; a box without a positive is never learned (ATSS has
+      no fallback: its adaptive threshold, mean + std of the IoUs of its candidates, may stand
+      above all of them, its candidates' centres may lie outside it, or a box that overlaps
+      them more may take them);
+    - ``num_anchors``: anchors in the grid.
+
+    The assigner does not report the adaptive thresholds, so they are not given here.
+    """
+
+    num_positive: Int[Tensor, " N"]
+    best_iou: Float[Tensor, " N"]
+    best_level: Int[Tensor, " N"]
+    reached: Bool[Tensor, " N"]
+    num_anchors: int
+
+    @property
+    def num_missed(self) -> int:
+        """Boxes without a positive anchor."""
+        return int((~self.reached).sum())
+
+    @property
+    def missed(self) -> Int[Tensor, " K"]:
+        """Indices of the boxes without a positive anchor."""
+        return torch.nonzero(~self.reached).flatten()
+
+
+class CentreCoverage(NamedTuple):
+    """How a CenterNet detector's output grid meets a set of boxes (:func:`prior_coverage`),
+    from its own target function (:func:`fdet.models.detectors.centernet.centernet_targets`),
+    the boxes of one image together.
+
+    A box is trained at the cell of its centre on the stride-``stride`` output map: a heatmap
+    peak on its class's channel, and a size and an offset target at that cell.
+
+    - ``cell[N, 2]``: ``(row, column)`` of the centre cell (of the box clipped to the map);
+    - ``is_object[N]``: the box is an object at all: after clipping to the map it has a positive
+      width and height (False: no peak, no size, no offset);
+    - ``regressed[N]``: its size and offset are trained. One size and one offset fit in a
+      cell: of the objects centred in one cell (of any class) the smallest box by area wins it,
+      the lowest index between equal areas; the others keep their heatmap peak but get no size
+      or offset target, so their box is never learned;
+    - ``shares_peak[N]``: another object of the same class is centred in the same cell: their
+      class heatmap has one peak there for both, so at most one of them can be detected;
+    - ``below_cell[N]``: the box is narrower or shorter than one cell (``stride`` pixels);
+    - ``stride``, ``map_size``: the output stride and the ``(H, W)`` of the map.
+    """
+
+    cell: Int[Tensor, "N 2"]
+    is_object: Bool[Tensor, " N"]
+    regressed: Bool[Tensor, " N"]
+    shares_peak: Bool[Tensor, " N"]
+    below_cell: Bool[Tensor, " N"]
+    stride: int
+    map_size: tuple[int, int]
+
+    @property
+    def reached(self) -> Bool[Tensor, " N"]:
+        """Objects with their own peak and their own size and offset targets."""
+        return self.is_object & self.regressed & ~self.shares_peak
+
+    @property
+    def num_missed(self) -> int:
+        """Boxes not :attr:`reached`: no object, or a cell lost to another box."""
+        return int((~self.reached).sum())
+
+    @property
+    def missed(self) -> Int[Tensor, " K"]:
+        """Indices of the boxes not :attr:`reached`."""
+        return torch.nonzero(~self.reached).flatten()
+
+
 def feature_sizes(image_size: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
     """``(⌈H / s⌉, ⌈W / s⌉)`` for each stride: the map sizes stride-2 convs with padding
     (ResNet, FPN's extra levels) give on a ``(H, W)`` input."""
@@ -328,16 +412,9 @@ def _anchor_parts(model_spec: Any) -> tuple[Any, Any]:
         assigner = getattr(owner, "assigner", None)
         if isinstance(anchors, specs.Anchors) and isinstance(assigner, specs.MaxIoUAssigner):
             return anchors, assigner
-    kind = type(model_spec).__name__
-    if isinstance(getattr(model_spec, "anchors", None), specs.Anchors):
-        raise ValueError(
-            f"prior coverage is not covered yet for {kind}: its assigner "
-            f"({type(model_spec.assigner).__name__}) has no fixed positive IoU threshold"
-        )
     raise ValueError(
-        f"prior coverage is not covered yet for {kind}: it measures anchors against a max-IoU "
-        "assigner (RetinaNet, the RPN of two-stage detectors) and points against the FCOS "
-        "assigner; CenterNet has neither"
+        f"prior coverage does not cover {type(model_spec).__name__}: it measures anchors against "
+        "a max-IoU or ATSS assigner, FCOS points and CenterNet centres"
     )
 
 
@@ -357,8 +434,10 @@ def prior_coverage(
     boxes: Float[Tensor, "N 4"] | np.ndarray | Sequence[Sequence[float]],
     image_size: tuple[int, int],
     *,
+    labels: Int[Tensor, " N"] | np.ndarray | Sequence[int] | None = None,
+    image_index: Int[Tensor, " N"] | np.ndarray | Sequence[int] | None = None,
     chunk: int = 256,
-) -> PriorCoverage | PointCoverage:
+) -> PriorCoverage | PointCoverage | AdaptiveCoverage | CentreCoverage:
     """How the priors of ``model_spec`` on a ``(H, W)`` input meet each box.
 
     - Anchors (:class:`PriorCoverage`): a detector spec with ``anchors`` and a max-IoU
@@ -369,18 +448,35 @@ def prior_coverage(
     - Points (:class:`PointCoverage`): an FCOS spec (``points`` and an FCOS ``assigner``).
       The points the assigner makes positive for each box on its own
       (:func:`fdet.models.detectors.fcos.fcos_assign`).
-    - ATSS and GFL (adaptive IoU thresholds) and CenterNet raise ``ValueError``: not covered
-      yet.
+    - Adaptive anchors (:class:`AdaptiveCoverage`): an ATSS or GFL spec. Its anchors and ATSS
+      assigner (:func:`fdet.models.detectors.atss.atss_assign`, as both train) on the boxes,
+      the positive anchors of each box counted.
+    - Centres (:class:`CentreCoverage`): a CenterNet spec. Its target function
+      (:func:`fdet.models.detectors.centernet.centernet_targets`) on the boxes: each box's
+      centre cell, and the boxes that lose it to another.
 
     ``boxes``: ``[N, 4]`` xyxy in the pixels of the network input, i.e. after the resize the
     transforms apply. ``image_size``: the padded input size; map sizes follow
-    :func:`feature_sizes`. ``chunk`` boxes are compared at a time, to bound memory.
+    :func:`feature_sizes`. ``labels``: ``[N]`` classes in ``[0, num_classes)``, used by
+    CenterNet (same-class boxes share a heatmap); None: all class 0. ``image_index``: ``[N]``
+    the image each box is in; ATSS, GFL and CenterNet assign the boxes of one image together,
+    as training does (boxes compete for anchors and cells); None: all boxes are one image. The
+    max-IoU and FCOS measures take each box alone and ignore both. ``chunk`` boxes (or images
+    of boxes) are compared at a time, to bound memory.
     """
     from fdet import specs
 
     gt = _boxes(boxes)
     if isinstance(model_spec, specs.FCOS):
         return _point_coverage(model_spec, gt, image_size, chunk)
+    if isinstance(model_spec, (specs.ATSS, specs.GFL)):
+        groups = _groups(image_index, len(gt))
+        return _adaptive_coverage(model_spec, gt, image_size, groups, chunk)
+    if isinstance(model_spec, specs.CenterNet):
+        groups = _groups(image_index, len(gt))
+        return _centre_coverage(
+            model_spec, gt, image_size, _labels(labels, model_spec, len(gt)), groups, chunk
+        )
     from fdet.models.detectors.retinanet import retinanet_anchors
     from fdet.ops.anchors import level_index
     from fdet.ops.boxes import box_iou
@@ -437,4 +533,165 @@ def _point_coverage(
         best_level=best_level,
         reached=num_positive > 0,
         num_points=len(grid.points),
+    )
+
+
+def _groups(image_index: Any, n: int) -> tuple[Tensor, Tensor, int, int]:
+    """Image ``g[N]`` (0 … G-1) and slot ``m[N]`` within it of each box, ``G`` and the most
+    boxes an image ``M``."""
+    if image_index is None:
+        ids = np.zeros(n, dtype=np.int64)
+    else:
+        ids = np.asarray(image_index).reshape(-1)
+        if len(ids) != n:
+            raise ValueError(f"image_index: {len(ids)} entries for {n} boxes")
+    _, group = np.unique(ids, return_inverse=True)
+    group = group.reshape(-1).astype(np.int64)
+    slot = np.zeros(n, dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(group.tolist()):  # a loop over boxes, on the host
+        slot[i] = seen.get(g, 0)
+        seen[g] = slot[i] + 1
+    num_groups = int(group.max()) + 1 if n else 0
+    return (
+        torch.from_numpy(group),
+        torch.from_numpy(slot),
+        num_groups,
+        max(seen.values(), default=0),
+    )
+
+
+def _padded(values: Tensor, groups: tuple[Tensor, Tensor, int, int], fill: float = 0.0) -> Tensor:
+    group, slot, num_groups, most = groups
+    out = values.new_full((num_groups, max(most, 1), *values.shape[1:]), fill)
+    out[group, slot] = values
+    return out
+
+
+def _labels(labels: Any, model_spec: Any, n: int) -> Tensor:
+    if labels is None:
+        return torch.zeros(n, dtype=torch.int64)
+    out = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
+    if len(out) != n:
+        raise ValueError(f"labels: {len(out)} entries for {n} boxes")
+    bad = (out < 0) | (out >= model_spec.num_classes)
+    if bad.any():
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"labels[{i}]: {int(out[i])} is not a class in [0, {model_spec.num_classes})"
+        )
+    return out
+
+
+def _group_chunks(groups: tuple[Tensor, Tensor, int, int], chunk: int) -> list[slice]:
+    _, _, num_groups, most = groups
+    step = max(1, chunk // max(most, 1))
+    return [slice(start, start + step) for start in range(0, num_groups, step)]
+
+
+def _adaptive_coverage(
+    model_spec: Any,
+    gt: Tensor,
+    image_size: tuple[int, int],
+    groups: tuple[Tensor, Tensor, int, int],
+    chunk: int,
+) -> AdaptiveCoverage:
+    from fdet.models.detectors.atss import atss_assign
+    from fdet.models.detectors.retinanet import retinanet_anchors
+    from fdet.ops.anchors import level_counts, level_index
+    from fdet.ops.assign import POSITIVE
+    from fdet.ops.boxes import box_iou
+
+    anchor_spec = model_spec.anchors
+    sizes = feature_sizes(image_size, anchor_spec.strides)
+    anchors = retinanet_anchors(
+        sizes, spec=anchor_spec, image_size=(int(image_size[0]), int(image_size[1]))
+    )  # [A, 4]
+    levels = level_index(sizes, anchor_spec.per_location)  # [A]
+    num_per_level = level_counts(sizes, anchor_spec.per_location)
+    num_levels = len(sizes)
+    group, slot, num_groups, most = groups
+    boxes = _padded(gt, groups)  # [G, M, 4]
+    valid = _padded(torch.ones(len(gt), dtype=torch.bool), groups, False)  # [G, M]
+    per_level = torch.zeros(num_groups, max(most, 1) * num_levels, dtype=torch.int64)  # [G, M·L]
+    for part in _group_chunks(groups, chunk):
+        assignment = atss_assign(
+            anchors, num_per_level, boxes[part], valid[part], assigner=model_spec.assigner
+        )
+        positive = (assignment.label == POSITIVE).long()  # [g, A]
+        key = assignment.gt_index * num_levels + levels  # [g, A]
+        per_level[part].scatter_add_(1, key, positive)
+    counts = per_level.view(num_groups, max(most, 1), num_levels)[group, slot]  # [N, L]
+    best_iou = torch.zeros(len(gt))
+    for start in range(0, len(gt), chunk):
+        best_iou[start : start + chunk] = box_iou(gt[start : start + chunk], anchors).amax(dim=1)
+    num_positive = counts.sum(dim=1)
+    return AdaptiveCoverage(
+        num_positive=num_positive,
+        best_iou=best_iou,
+        best_level=counts.argmax(dim=1) if len(gt) else group.clone(),
+        reached=num_positive > 0,
+        num_anchors=len(anchors),
+    )
+
+
+def centre_map_size(model_spec: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """``(H, W)`` of a CenterNet's output map on a ``(H, W)`` input: the backbone map
+    ``C{in_level}`` (:func:`feature_sizes`) doubled once per up-sampling stage."""
+    neck = model_spec.neck
+    ((h, w),) = feature_sizes(image_size, [2**neck.in_level])
+    up = 2 ** len(neck.channels)
+    return h * up, w * up
+
+
+def _centre_coverage(
+    model_spec: Any,
+    gt: Tensor,
+    image_size: tuple[int, int],
+    labels: Tensor,
+    groups: tuple[Tensor, Tensor, int, int],
+    chunk: int,
+) -> CentreCoverage:
+    from fdet.models.detectors.centernet import centernet_targets
+
+    stride = int(model_spec.stride)
+    height, width = centre_map_size(model_spec, image_size)
+    group, slot, num_groups, most = groups
+    boxes = _padded(gt, groups)  # [G, M, 4]
+    padded_labels = _padded(labels, groups)  # [G, M]
+    valid = _padded(torch.ones(len(gt), dtype=torch.bool), groups, False)  # [G, M]
+    index = torch.zeros(num_groups, max(most, 1), dtype=torch.int64)
+    objects = torch.zeros(num_groups, max(most, 1), dtype=torch.bool)
+    regress = torch.zeros_like(objects)
+    for part in _group_chunks(groups, chunk):
+        targets = centernet_targets(
+            boxes[part],
+            padded_labels[part],
+            valid[part],
+            num_classes=model_spec.num_classes,
+            size=(height, width),
+            stride=stride,
+            radius=model_spec.radius,
+        )
+        index[part], objects[part], regress[part] = (
+            targets.centre_index,
+            targets.objects,
+            targets.regress,
+        )
+    cell_index = index[group, slot]  # [N]
+    is_object = objects[group, slot]  # [N]
+    # objects of one image and class centred in one cell: same key, counted over objects
+    key = torch.stack((group, labels, cell_index), dim=1)[is_object]  # [n, 3]
+    _, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    shares_peak = torch.zeros(len(gt), dtype=torch.bool)
+    shares_peak[is_object] = counts[inverse] > 1
+    wh = gt[:, 2:] - gt[:, :2]  # [N, 2]
+    return CentreCoverage(
+        cell=torch.stack((cell_index // width, cell_index % width), dim=1),
+        is_object=is_object,
+        regressed=regress[group, slot],
+        shares_peak=shares_peak,
+        below_cell=(wh < stride).any(dim=1),
+        stride=stride,
+        map_size=(height, width),
     )

@@ -16,6 +16,8 @@ from fdet import specs
 from fdet.analysis.data_stats import (
     ASPECT_EDGES,
     SIZE_EDGES,
+    AdaptiveCoverage,
+    CentreCoverage,
     PointCoverage,
     data_statistics,
     plot_data_statistics,
@@ -242,11 +244,165 @@ def test_fcos_points(offset: float, expected: int) -> None:
 
 
 def test_unsupported_families_say_so() -> None:
-    cnet = specs.CenterNet(head=specs.CenterNetHead(num_classes=2))
-    with pytest.raises(ValueError, match=r"not covered yet for CenterNet"):
-        prior_coverage(cnet, [[0, 0, 8, 8]], (64, 64))
-    with pytest.raises(ValueError, match=r"not covered yet for ATSS.*ATSSAssigner"):
-        prior_coverage(specs.ATSS(head=specs.ATSSHead(num_classes=2)), [[0, 0, 8, 8]], (64, 64))
+    with pytest.raises(ValueError, match=r"does not cover ResNet"):
+        prior_coverage(specs.ResNet(), [[0, 0, 8, 8]], (64, 64))
+
+
+# ATSS on one level of 16-pixel square anchors centred at 0, 16, 32, 48 (4 × 4 on 64 × 64)
+ONE_LEVEL = specs.ATSS(
+    head=specs.ATSSHead(num_classes=2),
+    backbone=specs.ResNet(out_levels=(4,)),
+    neck=specs.FPN(in_levels=(4,), out_levels=(4,)),
+    anchors=specs.Anchors(
+        strides=(16,),
+        base_sizes=(16.0,),
+        octave_scales=(1.0,),
+        ratios=(1.0,),
+        truncate_sizes=False,
+        round_offsets=False,
+    ),
+    assigner=specs.ATSSAssigner(topk=4),
+)
+
+
+def test_atss_hand_boxes() -> None:
+    """Box (8, 8, 40, 40), centre (24, 24): its 4 candidates are the anchors centred at
+    (16|32, 16|32), each inside it with IoU 256 / 1024; all equal, so all reach mean + std and
+    their centres lie inside: 4 positives. Box (20, 2, 28, 62) is 8 px wide: its nearest anchor
+    centres have x = 16 or 32, outside it, so none is positive."""
+    boxes = [[8, 8, 40, 40], [20, 2, 28, 62]]
+    cov = prior_coverage(ONE_LEVEL, boxes, (64, 64))
+    assert isinstance(cov, AdaptiveCoverage)
+    assert cov.num_anchors == 16
+    assert cov.num_positive.tolist() == [4, 0]
+    assert cov.reached.tolist() == [True, False]
+    assert cov.num_missed == 1 and cov.missed.tolist() == [1]
+    assert cov.best_level.tolist() == [0, 0]
+    # box 2: best anchor (16, 0..): columns 16 / 32 overlap it 4 px wide, 16 px tall
+    torch.testing.assert_close(cov.best_iou, torch.tensor([0.25, 64 / (256 + 480 - 64)]))
+
+
+def _direct_atss_counts(spec: Any, boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    from fdet.models.detectors.atss import atss_assign
+    from fdet.models.detectors.retinanet import retinanet_anchors
+    from fdet.ops.anchors import level_counts
+    from fdet.ops.assign import POSITIVE
+
+    sizes = [(-(-image_size[0] // s), -(-image_size[1] // s)) for s in spec.anchors.strides]
+    anchors = retinanet_anchors(sizes, spec=spec.anchors, image_size=image_size)
+    gt = torch.as_tensor(boxes, dtype=torch.float32)[None]
+    valid = torch.ones(gt.shape[:2], dtype=torch.bool)
+    result = atss_assign(
+        anchors, level_counts(sizes, spec.anchors.per_location), gt, valid, assigner=spec.assigner
+    )
+    index = result.gt_index[0][result.label[0] == POSITIVE]
+    return np.bincount(index.numpy(), minlength=len(boxes))
+
+
+def _random_boxes(seed: int, n: int, size: int = 128) -> np.ndarray:
+    gen = np.random.default_rng(seed)
+    xy = gen.uniform(0, size - 10, size=(n, 2))
+    wh = gen.uniform(3, 90, size=(n, 2))
+    return np.concatenate([xy, np.minimum(xy + wh, size)], axis=1)
+
+
+@pytest.mark.parametrize("family", ["atss", "gfl"])
+def test_atss_gfl_match_the_assigner(family: str) -> None:
+    spec = specs.load(ROOT / "specs" / "shapes" / f"{family}_r18_fpn.py", specs.Experiment).model
+    boxes = _random_boxes(1, 30)
+    cov = prior_coverage(spec, boxes, (128, 96))
+    expected = _direct_atss_counts(spec, boxes, (128, 96))
+    assert cov.num_positive.tolist() == expected.tolist()
+    assert cov.num_missed == int((expected == 0).sum())
+    assert cov.reached.tolist() == (expected > 0).tolist()
+    all_anchors = brute_force_anchors(spec.anchors, (128, 96))
+    assert cov.num_anchors == len(all_anchors)
+    np.testing.assert_allclose(
+        cov.best_iou.numpy(), np_iou(boxes, all_anchors).max(axis=1), rtol=1e-5, atol=1e-6
+    )
+    # two images: each assigned on its own, whatever the chunk
+    image = np.arange(30) % 2
+    split = prior_coverage(spec, boxes, (128, 96), image_index=image, chunk=1)
+    for i in (0, 1):
+        alone = _direct_atss_counts(spec, boxes[image == i], (128, 96))
+        assert split.num_positive[torch.from_numpy(image == i)].tolist() == alone.tolist()
+
+
+CENTERNET = specs.CenterNet(head=specs.CenterNetHead(num_classes=3))  # stride 4
+
+
+def test_centernet_hand_boxes() -> None:
+    """Stride 4 on 64 × 64: a 16 × 16 map. Boxes 0 and 1 (class 0) are centred at (4, 4), cell
+    (1, 1): one peak for both, and the smaller (box 1) wins size and offset. Boxes 2 (class 0)
+    and 3 (class 1) are centred at (40, 40), cell (10, 10): a peak each, but one size and offset
+    fit in the cell, and the smaller (box 3) takes it. Box 4 is 2 px wide, below a cell; box 5
+    has no width."""
+    boxes = [
+        [0, 0, 8, 8],
+        [2, 2, 6, 6],
+        [32, 32, 48, 48],
+        [36, 36, 44, 44],
+        [50, 50, 52, 60],
+        [60, 10, 60, 20],
+    ]
+    labels = [0, 0, 0, 1, 2, 2]
+    cov = prior_coverage(CENTERNET, boxes, (64, 64), labels=labels)
+    assert isinstance(cov, CentreCoverage)
+    assert cov.stride == 4 and cov.map_size == (16, 16)
+    assert cov.cell.tolist()[:4] == [[1, 1], [1, 1], [10, 10], [10, 10]]
+    assert cov.cell.tolist()[4] == [13, 12]  # centre (51, 55) / 4 = (12.75, 13.75): x 12, y 13
+    assert cov.is_object.tolist() == [True, True, True, True, True, False]
+    assert cov.shares_peak.tolist() == [True, True, False, False, False, False]
+    assert cov.regressed.tolist() == [False, True, False, True, True, False]
+    assert cov.below_cell.tolist() == [False, False, False, False, True, True]
+    assert cov.reached.tolist() == [False, False, False, True, True, False]
+    assert cov.num_missed == 4 and cov.missed.tolist() == [0, 1, 2, 5]
+    # in different images nothing collides
+    apart = prior_coverage(
+        CENTERNET, boxes[:4], (64, 64), labels=labels[:4], image_index=[0, 1, 2, 3]
+    )
+    assert not apart.shares_peak.any() and apart.regressed.all()
+
+
+def test_centernet_matches_the_targets() -> None:
+    from fdet.models.detectors.centernet import centernet_targets
+
+    boxes = _random_boxes(2, 40, size=64)
+    boxes[:10] = boxes[10:20] + 1  # near-duplicates: centres in one cell
+    labels = np.random.default_rng(3).integers(0, 3, size=40)
+    cov = prior_coverage(CENTERNET, boxes, (64, 64), labels=labels, chunk=5)
+    targets = centernet_targets(
+        torch.as_tensor(boxes, dtype=torch.float32)[None],
+        torch.as_tensor(labels)[None],
+        torch.ones(1, 40, dtype=torch.bool),
+        num_classes=3,
+        size=(16, 16),
+        stride=4,
+    )
+    assert cov.regressed.tolist() == targets.regress[0].tolist()
+    assert cov.is_object.tolist() == targets.objects[0].tolist()
+    assert (cov.cell[:, 0] * 16 + cov.cell[:, 1]).tolist() == targets.centre_index[0].tolist()
+    assert not cov.regressed.all()
+    # shared peaks by hand: same class, same cell
+    cells = [tuple(c) for c in cov.cell.tolist()]
+    for i in range(40):
+        others = [
+            j for j in range(40) if j != i and labels[j] == labels[i] and cells[j] == cells[i]
+        ]
+        assert bool(cov.shares_peak[i]) == bool(others)
+
+
+def test_no_boxes() -> None:
+    for spec in (ONE_LEVEL, CENTERNET):
+        cov = prior_coverage(spec, np.zeros((0, 4)), (64, 64))
+        assert cov.num_missed == 0 and len(cov.reached) == 0
+
+
+def test_bad_labels() -> None:
+    with pytest.raises(ValueError, match=r"labels\[1\]: 3 is not a class in \[0, 3\)"):
+        prior_coverage(CENTERNET, [[0, 0, 8, 8], [0, 0, 9, 9]], (64, 64), labels=[0, 3])
+    with pytest.raises(ValueError, match=r"image_index: 1 entries for 2 boxes"):
+        prior_coverage(CENTERNET, [[0, 0, 8, 8], [0, 0, 9, 9]], (64, 64), image_index=[0])
 
 
 def test_bad_boxes() -> None:

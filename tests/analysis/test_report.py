@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fdet import specs
 from fdet.analysis.errors import ERROR_NAMES, ERROR_TYPES, error_breakdown
 from fdet.analysis.metrics import TABLE_COLUMNS, category_names, per_class_table
-from fdet.analysis.report import write_report
+from fdet.analysis.report import MANIFEST_NAME, write_report
 from fdet.cli import main
 from fdet.train.engine import make_datasets
-from tests.inference.conftest import RETINANET_DETECTS, MakeTinyRun
+from tests.inference.conftest import MASK_RCNN_DETECTS, RETINANET_DETECTS, MakeTinyRun
 
 CHROMIUM = Path("/usr/bin/chromium")
 FDET = Path(sys.executable).parent / "fdet"
@@ -39,6 +41,8 @@ class _Page(HTMLParser):
         self.links: list[str] = []
         self.tables: dict[str, list[list[str]]] = {}
         self.stats: dict[str, tuple[str, str]] = {}
+        self.values: dict[str, tuple[str, str]] = {}
+        self.nav: list[str] = []
         self.body: dict[str, str] = {}
         self._table: str | None = None
         self._cell: list[str] | None = None
@@ -51,6 +55,8 @@ class _Page(HTMLParser):
             self.sources.append(a["src"])
         elif tag == "a" and not a.get("href", "#").startswith("#"):
             self.links.append(a["href"])
+        elif tag == "a":
+            self.nav.append(a["href"][1:])
         elif tag == "body":
             self.body = a
         elif tag == "table" and "id" in a:
@@ -60,8 +66,8 @@ class _Page(HTMLParser):
             self.tables[self._table].append([])
         elif tag in ("td",) and self._table is not None:
             self._cell = []
-            if a.get("id", "").startswith("stat-"):
-                self._stat = (a["id"][5:], a["data-value"])
+            if "data-value" in a:
+                self._stat = (a["id"], a["data-value"])
 
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
@@ -72,7 +78,9 @@ class _Page(HTMLParser):
             text = "".join(self._cell).strip()
             self.tables[self._table][-1].append(text)
             if self._stat is not None:
-                self.stats[self._stat[0]] = (self._stat[1], text)
+                self.values[self._stat[0]] = (self._stat[1], text)
+                if self._stat[0].startswith("stat-"):
+                    self.stats[self._stat[0][5:]] = (self._stat[1], text)
             self._cell, self._stat = None, None
         elif tag == "table":
             self._table = None
@@ -100,11 +108,15 @@ def val_annotations(detecting_run: Path) -> Path:
     return Path(make_datasets(exp, with_train=False).val.annotation_file)
 
 
-def _pycocotools_stats(annotations: Path, results: Path) -> np.ndarray:
+def _pycocotools_stats(
+    annotations: Path, results: Path, iou_type: str = "bbox", image_ids: list[int] | None = None
+) -> np.ndarray:
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(annotations))
         dt = gt.loadRes(str(results))
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, iou_type)
+        if image_ids is not None:
+            ev.params.imgIds = image_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -263,3 +275,232 @@ def test_bad_run_is_one_line(kind: str, tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("fdet analyze: error: ") and str(run) in err
+
+
+# masks -------------------------------------------------------------------------------------
+
+_MASK_IMAGES = 4
+_STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+_STAT_NAMES += ["AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+@pytest.fixture(scope="module")
+def mask_run(make_tiny_run: MakeTinyRun) -> Path:
+    return make_tiny_run("mask_rcnn_r18_fpn.py", MASK_RCNN_DETECTS)
+
+
+@pytest.fixture(scope="module")
+def mask_report(mask_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mask-report") / "out"
+    return write_report([mask_run], out, max_images=_MASK_IMAGES)
+
+
+def _known_mask_results(annotations: Path, image_ids: list[int]) -> list[dict]:
+    """Results made from the ground truth, so that box and mask APs are above 0 and differ:
+    of every three objects one found exactly, one with its mask shifted 3 px (its box exact),
+    one missed; plus each exact one again under the next class, at a lower score."""
+    from pycocotools import mask as mask_utils
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+    cat_ids = sorted(gt.getCatIds())
+    results = []
+    anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=image_ids)) if not a.get("iscrowd")]
+    for i, ann in enumerate(anns):
+        mask = gt.annToMask(ann)
+        if i % 3 == 2:
+            continue
+        if i % 3 == 1:
+            mask = np.roll(mask, 3, axis=1)
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        record = {"image_id": ann["image_id"], "bbox": ann["bbox"], "segmentation": rle}
+        results.append({**record, "category_id": ann["category_id"], "score": 0.9 - 0.001 * i})
+        if i % 3 == 0:
+            other = cat_ids[(cat_ids.index(ann["category_id"]) + 1) % len(cat_ids)]
+            results.append({**record, "category_id": other, "score": 0.5})
+    return results
+
+
+@pytest.fixture(scope="module")
+def known_mask_report(
+    mask_run: Path, mask_val_annotations: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The report of the Mask R-CNN run with its results replaced by known ones."""
+    import fdet.eval.evaluate as evaluate
+
+    real = evaluate.predict_coco
+
+    def predict(*args: object, **kwargs: object) -> evaluate.Predictions:
+        seen = real(*args, **kwargs)  # type: ignore[arg-type]
+        known = _known_mask_results(mask_val_annotations, seen.image_ids)
+        return seen._replace(results=known)
+
+    out = tmp_path_factory.mktemp("known-mask-report") / "out"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(evaluate, "predict_coco", predict)
+        return write_report([mask_run], out, max_images=_MASK_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def mask_val_annotations(mask_run: Path) -> Path:
+    exp = specs.load(mask_run / "spec.json", specs.Experiment)
+    return Path(make_datasets(exp, with_train=False).val.annotation_file)
+
+
+def _evaluated_ids(out: Path) -> list[int]:
+    return [im["id"] for im in json.loads((out / "annotations.json").read_text())["images"]]
+
+
+@pytest.mark.parametrize("which", ["mask_report", "known_mask_report"])
+def test_mask_stats_equal_metrics_json_and_pycocotools(
+    which: str, mask_val_annotations: Path, request: pytest.FixtureRequest
+) -> None:
+    mask_report = request.getfixturevalue(which)
+    out = mask_report.parent
+    results = json.loads((out / "results.json").read_text())
+    assert results and all("segmentation" in r for r in results)
+    ids = _evaluated_ids(out)
+    assert len(ids) == _MASK_IMAGES
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "segm"}
+    assert metrics["segm"]["num_images"] == _MASK_IMAGES
+    # against the full annotation file, restricted to the images evaluated
+    reference = _pycocotools_stats(mask_val_annotations, out / "results.json", "segm", ids)
+    box_reference = _pycocotools_stats(mask_val_annotations, out / "results.json", "bbox", ids)
+    page = _parse(mask_report.read_text())
+    for name, ref, box in zip(_STAT_NAMES, reference, box_reference):
+        value, text = page.values[f"segm-stat-{name}"]
+        assert float(value) == pytest.approx(metrics["segm"][name], abs=1e-9), name
+        assert metrics["segm"][name] == pytest.approx(ref, abs=1e-6), name
+        assert text == ("n/a" if ref < 0 else f"{ref:.3f}"), name
+        assert page.stats[name][1] == ("n/a" if box < 0 else f"{box:.3f}"), name  # boxes kept
+    if which == "known_mask_report":  # the tiny model's masks may all be wrong
+        assert 0 < reference[0] < box_reference[0] < 1  # so the check compares numbers
+    assert "masks" in page.nav and "coco" in page.nav
+
+
+def test_mask_per_class_and_error_tables(known_mask_report: Path) -> None:
+    out = known_mask_report.parent
+    tables = _parse(known_mask_report.read_text()).tables
+    rows = per_class_table(out / "annotations.json", out / "results.json", iou_type="segm")
+    box_rows = per_class_table(out / "annotations.json", out / "results.json")
+    shown = tables["segm-per-class-table"][1:]
+    assert len(shown) == len(rows) > 0
+    for cells, row in zip(shown, rows):
+        for cell, column in zip(cells, TABLE_COLUMNS, strict=True):
+            value = row[column]
+            if isinstance(value, float):
+                assert cell == ("n/a" if value < 0 or np.isnan(value) else f"{value:.3f}")
+            else:
+                assert cell == str(value), column
+    assert shown != tables["per-class-table"][1:] and rows != box_rows
+    breakdown = error_breakdown(out / "annotations.json", out / "results.json", iou_type="segm")
+    overall = {row[0]: int(row[1]) for row in tables["segm-errors-table"][1:] if row[1]}
+    assert overall == {ERROR_NAMES[k]: n for k, n in breakdown.counts.items()}
+    assert sum(overall.values()) > 0
+    for row in tables["segm-errors-per-class"][1:]:
+        counts = [int(cell.split()[0]) for cell in row[1:]]
+        assert counts == [breakdown.per_class_counts[k][row[0]] for k in ERROR_TYPES], row[0]
+    box = error_breakdown(out / "annotations.json", out / "results.json")
+    assert breakdown.counts != box.counts  # shifted masks are localization errors, boxes not
+    assert (out / "figures" / "errors_segm.png").is_file()
+
+
+def test_mask_report_loads_in_chromium(mask_report: Path) -> None:
+    page = _parse(_dump_dom(mask_report))
+    assert page.body.get("data-images-ok") == "true"
+    metrics = json.loads((mask_report.parent / "metrics.json").read_text())["segm"]
+    assert page.values["segm-stat-AP"][1] == f"{metrics['AP']:.3f}"
+
+
+def test_box_model_has_no_mask_section(report: Path) -> None:
+    page = _parse(report.read_text())
+    assert "masks" not in page.nav and not any(k.startswith("segm") for k in page.tables)
+    assert set(json.loads((report.parent / "metrics.json").read_text())) == {"bbox"}
+
+
+# reruns ------------------------------------------------------------------------------------
+
+
+def _pngs(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*.png")}
+
+
+def test_rerun_leaves_no_stale_file(detecting_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = write_report([detecting_run], out)
+    assert _pngs(out) == set(_parse(first.read_text()).sources)
+    galleries = {p for p in _pngs(out) if p.startswith("images/")}
+    manifest = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert set(manifest) >= _pngs(out) | {"index.html", "metrics.json", "results.json"}
+    # files the report did not write: one of the user's, one outside named by a bad list
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "outside.txt").write_text("not the report's")
+    listed = json.loads((out / MANIFEST_NAME).read_text())
+    listed["files"] += ["../outside.txt", str((tmp_path / "outside.txt").resolve())]
+    (out / MANIFEST_NAME).write_text(json.dumps(listed))
+
+    second = write_report([detecting_run], out, max_images=1)
+    fewer = {p for p in _pngs(out) if p.startswith("images/")}
+    assert len(fewer) < len(galleries)  # stale ones would remain if nothing were removed
+    assert _pngs(out) == set(_parse(second.read_text()).sources)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "outside.txt").read_text() == "not the report's"
+    assert "notes.txt" not in json.loads((out / MANIFEST_NAME).read_text())["files"]
+
+
+def test_folder_with_other_files_is_refused_untouched(
+    detecting_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "photos"
+    (out / "figures").mkdir(parents=True)
+    (out / "index.html").write_text("<p>my page</p>")
+    (out / "figures" / "pr.png").write_bytes(b"mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="not from an fdet report"):
+        write_report([detecting_run], out)
+    assert main(["analyze", str(detecting_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fdet analyze: error: ") and str(out) in err and "index.html" in err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and set(out.rglob("*")) == {*before, out / "figures"}
+
+
+def test_prior_coverage_of_an_atss_run_counts_the_assigners_misses(
+    make_tiny_run: MakeTinyRun, tmp_path: Path
+) -> None:
+    """The report's prior coverage of an ATSS run is the ATSS assigner's: the boxes of each image
+    assigned together, the missed count equal to ``prior_coverage`` on the same boxes."""
+    from fdet.analysis import data_stats
+    from fdet.train import load_run
+    from fdet.train.engine import make_datasets
+
+    run = make_tiny_run("atss_r18_fpn.py")
+    index = write_report([run], tmp_path / "out", max_images=4)
+    text = index.read_text()
+    found = re.search(r'<p id="prior-coverage">(\d+) of (\d+) ground-truth boxes', text)
+    assert found is not None and "ATSS assigner" in text
+    exp, _ = load_run(run)
+    val = make_datasets(exp, with_train=False).val
+    samples = [val[i] for i in range(min(4, len(val)))]
+    boxes = [s.boxes for s in samples]
+    size = max(s.image.shape[-2] for s in samples), max(s.image.shape[-1] for s in samples)
+    pad = exp.val_transforms.pad_divisor
+    size = (-(-size[0] // pad) * pad, -(-size[1] // pad) * pad)
+    coverage = data_stats.prior_coverage(
+        exp.model,
+        torch.cat(boxes),
+        size,
+        labels=torch.cat([s.labels for s in samples]),
+        image_index=torch.repeat_interleave(
+            torch.arange(len(boxes)), torch.tensor([len(b) for b in boxes])
+        ),
+    )
+    assert isinstance(coverage, data_stats.AdaptiveCoverage)
+    assert int(found.group(2)) > 0
+    assert (int(found.group(1)), int(found.group(2))) == (
+        coverage.num_missed,
+        int(torch.cat(boxes).shape[0]),
+    )
