@@ -118,15 +118,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fdet import specs
-    from fdet.data.coco import CocoDataset
     from fdet.data.loader import make_loader
-    from fdet.data.transforms import build_transform
-    from fdet.eval.classes import category_ids_by_name, run_class_names
     from fdet.eval.coco import format_table
     from fdet.eval.evaluate import evaluate_model_types
     from fdet.inference.tta import TTAModel
     from fdet.train import load_run
-    from fdet.train.engine import check_classes, make_datasets
+    from fdet.train.data import evaluation_set
     from fdet.train.run_dir import resolve_checkpoint
 
     tta = specs.load(args.tta, specs.TTA, name="TTA") if args.tta else None
@@ -136,28 +133,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         masks = " (masks are not merged: box AP only)" if _has_masks(exp.model) else ""
         print(f"fdet eval: test-time augmentation{masks}: {tta}", file=sys.stderr)
         model = TTAModel(model, tta, size_divisor=exp.val_transforms.pad_divisor)
-    if args.images:
-        dataset = CocoDataset(
-            args.images,
-            args.annotations,
-            transform=build_transform(exp.val_transforms, train=False),
-        )
-    else:
-        dataset = make_datasets(exp, with_train=False).val
+    data = (args.images, args.annotations) if args.images else None
+    evaluation = evaluation_set(exp, checkpoint, data)
+    dataset, label_to_category_id = evaluation.dataset, evaluation.label_to_category_id
     source = str(dataset.annotation_file)
-    names = run_class_names(exp, _checkpoint_entries(checkpoint))
-    label_to_category_id = None
-    if names is None:
-        check_classes(exp.model, dataset, source)
+    if label_to_category_id is None:
         print(
             f"fdet eval: warning: the run's class names are unknown (its checkpoint does not "
             f"record them and its training data cannot be read), so its labels are taken to be "
             f"the categories of {source} in id order: {', '.join(dataset.category_names)}",
             file=sys.stderr,
-        )
-    else:
-        label_to_category_id = category_ids_by_name(
-            names, dataset.category_names, dataset.label_to_category_id, source=source
         )
     print(f"fdet eval: evaluating {checkpoint} on {source}", file=sys.stderr)
     loader = make_loader(
@@ -195,17 +180,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _has_masks(model_spec: object) -> bool:
     return getattr(model_spec, "mask_head", None) is not None
-
-
-def _checkpoint_entries(path: str) -> dict | None:
-    """A checkpoint's entries with its tensors left on disk (memory-mapped), or None."""
-    import torch
-
-    try:
-        entries = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # the model was loaded from it already; this read is only for metadata
-        return None
-    return entries if isinstance(entries, dict) else None
 
 
 def _output_file(example: str) -> Callable[[str], str]:

@@ -235,16 +235,6 @@ def _subset_ground_truth(annotation_file: Path, image_ids: Sequence[int]) -> dic
     return out
 
 
-def _checkpoint_entries(path: Path) -> dict | None:
-    import torch
-
-    try:
-        entries = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # the model was loaded from it already; this read is only for metadata
-        return None
-    return entries if isinstance(entries, dict) else None
-
-
 def write_report(
     runs: Sequence[str | Path],
     out_dir: str | Path,
@@ -282,14 +272,11 @@ def write_report(
     import torch
 
     from fdet.analysis import complexity, curves, data_stats, errors, metrics
-    from fdet.data.coco import CocoDataset
     from fdet.data.loader import make_loader
-    from fdet.data.transforms import build_transform
-    from fdet.eval.classes import category_ids_by_name, run_class_names
     from fdet.eval.coco import evaluate_coco, has_segmentations
     from fdet.eval.evaluate import predict_coco
     from fdet.train import load_run
-    from fdet.train.engine import check_classes, make_datasets
+    from fdet.train.data import evaluation_set
     from fdet.train.run_dir import resolve_checkpoint
 
     if not runs:
@@ -308,24 +295,9 @@ def write_report(
 
     checkpoint = resolve_checkpoint(run_paths[0])
     exp, model = load_run(checkpoint, device=device)
-    if data is not None:
-        images_dir, annotation_file = data
-        dataset = CocoDataset(
-            images_dir,
-            annotation_file,
-            transform=build_transform(exp.val_transforms, train=False),
-        )
-    else:
-        dataset = make_datasets(exp, with_train=False).val
+    evaluation = evaluation_set(exp, checkpoint, data)
+    dataset, label_to_category_id = evaluation.dataset, evaluation.label_to_category_id
     source = str(dataset.annotation_file)
-    names = run_class_names(exp, _checkpoint_entries(checkpoint))
-    label_to_category_id = None
-    if names is None:
-        check_classes(exp.model, dataset, source)
-    else:
-        label_to_category_id = category_ids_by_name(
-            names, dataset.category_names, dataset.label_to_category_id, source=source
-        )
     loader = make_loader(
         dataset,
         batch_size=exp.batch_size,

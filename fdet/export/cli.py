@@ -33,16 +33,16 @@ def _describe(size: tuple[int, int], dynamic_batch: bool) -> str:
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
     from fdet import specs
-    from fdet.cli import _checkpoint_entries
     from fdet.eval.classes import run_class_names
     from fdet.export.onnx import export_onnx, onnx_metadata
+    from fdet.train.checkpoint import checkpoint_entries
 
     checkpoint, exp, model, size = _load(args)
     print(
         f"fdet export onnx: {checkpoint} -> {args.out}, {_describe(size, args.dynamic_batch)}",
         file=sys.stderr,
     )
-    names = run_class_names(exp, _checkpoint_entries(str(checkpoint)))
+    names = run_class_names(exp, checkpoint_entries(checkpoint))
     metadata = onnx_metadata(
         model,
         size,

@@ -166,11 +166,12 @@ class Predictor:
         :class:`~fdet.train.checkpoint.CheckpointError` (a ``ValueError``) naming the file; a
         missing one a ``FileNotFoundError``."""
         from fdet.eval.classes import run_class_names
+        from fdet.train.checkpoint import checkpoint_entries
         from fdet.train.run_dir import load_run, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(Path(run_dir_or_checkpoint), best=best)
         exp, model = load_run(checkpoint, device=device, ema=ema)
-        names = run_class_names(exp, _checkpoint_entries(checkpoint))
+        names = run_class_names(exp, checkpoint_entries(checkpoint))
         predictor = cls(
             model,
             exp,
@@ -406,13 +407,3 @@ def _check_batch_size(batch_size: Any) -> None:
         return
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer or 'auto', got {batch_size!r}")
-
-
-def _checkpoint_entries(path: Path) -> dict | None:
-    """A checkpoint's entries with its tensors left on disk (memory-mapped), or None; read only
-    for its metadata (the class names it records)."""
-    try:
-        entries = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return entries if isinstance(entries, dict) else None

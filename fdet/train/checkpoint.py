@@ -16,7 +16,14 @@ from torch import nn
 
 from fdet.atomic import atomic_write
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "load_weights", "weights_mismatch"]
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "checkpoint_entries",
+    "load_checkpoint",
+    "load_weights",
+    "weights_mismatch",
+]
 
 
 class CheckpointError(ValueError):
@@ -76,6 +83,19 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     if not isinstance(data["model"], Mapping) or not isinstance(data["spec"], str):
         raise CheckpointError(f"{path}: not an fdet checkpoint (malformed 'model' or 'spec')")
     return data
+
+
+def checkpoint_entries(path: str | Path) -> dict | None:
+    """A checkpoint's entries with its tensors left on disk (memory-mapped, ``weights_only``),
+    or None when it cannot be read: for metadata (the class names a run records) of a file the
+    model was already loaded from by :func:`load_checkpoint`, which reports what is wrong."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            entries = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return entries if isinstance(entries, dict) else None
 
 
 def weights_mismatch(

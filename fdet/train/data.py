@@ -15,9 +15,11 @@ from fdet import specs
 
 __all__ = [
     "DataSets",
+    "EvaluationSet",
     "SeededSamples",
     "check_batches",
     "check_classes",
+    "evaluation_set",
     "experiment_loader",
     "make_datasets",
     "max_objects",
@@ -195,3 +197,47 @@ def experiment_loader(
         slots=slot_buckets(max_objects(full)),
         pad_shards=train,  # evaluation sees every image once
     )
+
+
+@attrs.frozen
+class EvaluationSet:
+    """A run's evaluation data: the data set (validation transforms) and the category id of each
+    of the model's labels (None: the run's class names are unknown and its labels are taken to
+    be the data set's categories in id order, which :func:`check_classes` has checked)."""
+
+    dataset: Any
+    label_to_category_id: list[int] | None
+
+
+def evaluation_set(
+    exp: specs.Experiment,
+    checkpoint: str | Path,
+    data: tuple[str | Path, str | Path] | None = None,
+) -> EvaluationSet:
+    """The data ``fdet eval`` and ``fdet analyze`` evaluate a run on: its validation set, or
+    ``data`` (an image folder and a COCO annotation file) through its validation transforms,
+    with the model's labels mapped to the set's categories by the class names the run records
+    (``checkpoint``'s, else its training data's; :mod:`fdet.eval.classes`)."""
+    from fdet.data.coco import CocoDataset
+    from fdet.data.transforms import build_transform
+    from fdet.eval.classes import category_ids_by_name, run_class_names
+    from fdet.train.checkpoint import checkpoint_entries
+
+    if data is not None:
+        images_dir, annotation_file = data
+        dataset = CocoDataset(
+            images_dir,
+            annotation_file,
+            transform=build_transform(exp.val_transforms, train=False),
+        )
+    else:
+        dataset = make_datasets(exp, with_train=False).val
+    source = str(dataset.annotation_file)
+    names = run_class_names(exp, checkpoint_entries(checkpoint))
+    if names is None:
+        check_classes(exp.model, dataset, source)
+        return EvaluationSet(dataset, None)
+    lut = category_ids_by_name(
+        names, dataset.category_names, dataset.label_to_category_id, source=source
+    )
+    return EvaluationSet(dataset, list(lut))
