@@ -52,6 +52,7 @@ from fdet.specs.schedules import (
     StepDecay,
     Warmup,
 )
+from fdet.specs.semi import SemiSupervised, StrongAugment, UnlabeledImages
 from fdet.specs.serde import SCHEMA_VERSION, format_tree, from_dict, from_json, to_dict, to_json
 from fdet.specs.train import EMA, SGD, AdamW, Experiment, Optimizer, ParamGroups
 from fdet.specs.tta import TTA
@@ -120,13 +121,16 @@ __all__ = [
     "RoIPostprocess",
     "Sampler",
     "Schedule",
+    "SemiSupervised",
     "ShapesData",
     "SigmoidFocalLoss",
     "SmoothL1Loss",
     "Spec",
     "SpecError",
     "StepDecay",
+    "StrongAugment",
     "Transforms",
+    "UnlabeledImages",
     "Warmup",
     "apply_overrides",
     "check_pyramid",

@@ -18,6 +18,7 @@ from fdet.specs._core import (
 from fdet.specs.data import CocoData, ShapesData, Transforms
 from fdet.specs.detectors import Detector
 from fdet.specs.schedules import Schedule
+from fdet.specs.semi import SemiSupervised
 
 
 @attrs.frozen(kw_only=True)
@@ -104,7 +105,8 @@ class Experiment(Spec):
     ``compile``: ``"objective"`` compiles the loss function only (cheap, and what pays on CPU),
     ``"model"`` also the network, ``"none"`` nothing. ``deterministic``: deterministic
     algorithms, for bit-identical resumes. ``early_stopping``: stop after that many evaluations
-    without a better AP (0: never).
+    without a better AP (0: never). ``semi``: train teacher–student on labeled and unlabeled
+    images (:class:`SemiSupervised`; needs ``ema``, the teacher).
     """
 
     model: Detector = attrs.field(validator=spec_of(Detector))
@@ -139,8 +141,22 @@ class Experiment(Spec):
     deterministic: bool = False
     sync_batch_norm: bool = False
     early_stopping: int = attrs.field(default=0, validator=non_negative)
+    semi: SemiSupervised | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.semi is not None:
+            if self.ema is None:
+                raise SpecError(
+                    "a semi-supervised experiment needs ema: the teacher is the EMA of the "
+                    "student (e.g. ema=EMA(decay=0.999, warmup_updates=0))",
+                    "semi",
+                )
+            if self.semi.unlabeled_batch_size % self.accumulate:
+                raise SpecError(
+                    f"({self.accumulate}) must divide semi.unlabeled_batch_size "
+                    f"({self.semi.unlabeled_batch_size})",
+                    "accumulate",
+                )
         if self.batch_size % self.accumulate:
             raise SpecError(
                 f"({self.accumulate}) must divide batch_size ({self.batch_size})", "accumulate"

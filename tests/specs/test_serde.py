@@ -138,6 +138,10 @@ LEAF_SPECS = [
     specs.MaskHead,
     # test-time augmentation
     specs.TTA,
+    # semi-supervised training
+    specs.StrongAugment,
+    specs.UnlabeledImages,
+    specs.SemiSupervised,
 ]
 # drawn with valid parts in the tests below (RetinaNet, Experiment) and in each family's tests
 ROOT_SPECS = [
