@@ -252,6 +252,36 @@ def _cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(value: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return number
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fdet.data.semi import split_coco
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from fdet.data.coco import DataError
+
+        raise DataError(f"{out}: is a file, not a folder")
+    counts = split_coco(args.annotations, out, fraction=args.fraction, seed=args.seed)
+    print(
+        f"fdet data split: {counts.labeled_images} labeled images "
+        f"({counts.labeled_annotations} annotations) in {out / 'labeled.json'}, "
+        f"{counts.unlabeled_images} unlabeled images in {out / 'unlabeled.json'}"
+    )
+    return 0
+
+
 def _cmd_data_browse(args: argparse.Namespace) -> int:
     from fdet.viz.browse import browse, open_source
 
@@ -447,6 +477,21 @@ def make_parser() -> argparse.ArgumentParser:
         help="override one field of the experiment spec (as fdet train --set; repeatable)",
     )
     q.set_defaults(func=_cmd_data_browse)
+    q = data_sub.add_parser(
+        "split",
+        help="split a COCO annotation file into labeled and unlabeled images, for "
+        "semi-supervised training (labeled.json and unlabeled.json)",
+    )
+    q.add_argument("annotations", help="a COCO annotation file")
+    q.add_argument(
+        "--fraction",
+        type=_fraction,
+        required=True,
+        help="the fraction of the images that keep their annotations (at least one image)",
+    )
+    q.add_argument("--seed", type=_int_at_least(0), default=0, help="the seed of the choice")
+    q.add_argument("--out", required=True, help="output folder")
+    q.set_defaults(func=_cmd_data_split)
 
     from fdet.inference.cli import add_infer_parser
 

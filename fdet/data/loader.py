@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any, Protocol
 
 import numpy as np
@@ -139,7 +139,10 @@ class Loader:
     :class:`ShardedSampler`; ``pad_shards=False`` for evaluation). ``pad_to`` fixes the
     batch's image size; ``slots`` its annotation slots, exactly (an int) or to the smallest of a
     few bucket sizes that holds the batch (a tuple, e.g. from
-    :func:`fdet.data.collate.slot_buckets`); see :func:`collate`.
+    :func:`fdet.data.collate.slot_buckets`); see :func:`collate`. ``collate`` replaces the
+    collation: it is called as ``collate(samples, pad_divisor=..., pad_to=..., slots=...)``
+    (e.g. :func:`fdet.data.semi.collate_pairs` for pairs of views); a module-level function,
+    so that it travels to worker processes.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class Loader:
         prefetch_factor: int | None = None,
         pad_to: tuple[int, int] | None = None,
         slots: int | Sequence[int] | None = None,
+        collate: Callable[..., Any] = collate,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
