@@ -278,6 +278,10 @@ class ATSS(DenseDetector):
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
     """
 
+    box_terms = frozenset({"box", "centerness"})
+    """The box regression, and the centerness (its target is the anchor centre's place in its
+    box; without the head's centerness branch: ``{"box"}``)."""
+
     def __init__(
         self,
         *,
@@ -306,6 +310,8 @@ class ATSS(DenseDetector):
         self.box_loss_spec = box_loss
         self.centerness_weight = float(centerness_weight)
         self.postprocess_spec = postprocess
+        if getattr(head, "centerness", True) is None:  # a head without the centerness branch
+            self.box_terms = frozenset({"box"})
 
     def anchors_for(self, outputs: ATSSHeadOutputs) -> Float[Tensor, "A 4"]:
         """The anchors ``[A, 4]`` that line up with ``outputs`` (float32, on their device)."""

@@ -90,7 +90,8 @@ class Detector(nn.Module):
 
     Subclasses implement ``forward(images) -> outputs`` (apply :meth:`normalize` first),
     ``loss(outputs, batch) -> LossTerms`` and ``postprocess(outputs, image_sizes) ->
-    Detections``; ``num_classes`` is the number of classes the detector predicts.
+    Detections``; ``num_classes`` is the number of classes the detector predicts;
+    ``box_terms`` names the terms of ``loss`` that learn box geometry.
 
     Args:
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
@@ -99,6 +100,14 @@ class Detector(nn.Module):
     input_mean: Tensor
     input_std: Tensor
     num_classes: int
+
+    box_terms: frozenset[str] = frozenset()
+    """The names of the loss terms that learn box geometry from the ground-truth boxes: the
+    regression, and targets computed from a box's shape (centerness, a box's size or sub-pixel
+    offset, a mask cropped by the box). A semi-supervised step (:mod:`fdet.train.semi`) trains
+    these only on reliable pseudo-labels and the other terms (classification) on all of them.
+    Each family declares its own; empty by default (every term learns from every pseudo-label).
+    """
 
     def __init__(
         self,

@@ -299,6 +299,10 @@ class CenterNet(DenseDetector):
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
     """
 
+    box_terms = frozenset({"size", "offset"})
+    """The box size and the centre's sub-pixel offset. (The heatmap's Gaussian radius also
+    follows the box size, but the heatmap is the classifier: it learns from every pseudo-label.)"""
+
     def __init__(
         self,
         *,

@@ -468,6 +468,9 @@ class FCOS(DenseDetector):
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
     """
 
+    box_terms = frozenset({"box", "centerness"})
+    """The box regression, and the centerness, whose target is the location's place in its box."""
+
     def __init__(
         self,
         *,

@@ -269,6 +269,11 @@ class GFL(DenseDetector):
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
     """
 
+    box_terms = frozenset({"box", "dfl"})
+    """The box regression and the distribution focal loss of the box sides. (The quality focal
+    loss ``"cls"`` also reads the boxes, its target being an IoU, but it is the classifier: it
+    learns from every pseudo-label.)"""
+
     def __init__(
         self,
         *,

@@ -286,6 +286,9 @@ class RetinaNet(DenseDetector):
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
     """
 
+    box_terms = frozenset({"box"})
+    """The box regression."""
+
     def __init__(
         self,
         *,

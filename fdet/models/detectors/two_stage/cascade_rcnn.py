@@ -228,6 +228,12 @@ class CascadeRCNN(TwoStageDetector):
         self.mask_head: MaskHead | None = mask_head
         self.paste_masks = bool(paste_masks)
         self.pool_levels = int(pool_levels)
+        # the terms that learn box geometry (Detector.box_terms): the RPN's and every stage's box
+        # regression, and the mask (cropped by the gt boxes; it needs gt masks)
+        self.box_terms = frozenset(
+            {"rpn_box", *(f"roi{t}_box" for t in range(self.num_stages))}
+            | ({"mask"} if mask_head is not None else set())
+        )
 
     @property
     def num_stages(self) -> int:
@@ -364,6 +370,34 @@ class CascadeRCNN(TwoStageDetector):
                     paste=self.paste_masks,
                 )
         return detections
+
+    # --- for a semi-supervised teacher ------------------------------------------------------------
+
+    def refine_boxes(
+        self,
+        outputs: FasterRCNNOutputs,
+        boxes: Float[Tensor, "B N 4"],
+        labels: Int[Tensor, "B N"],
+        image_sizes: Int[Tensor, "B 2"] | Float[Tensor, "B 2"],
+    ) -> Float[Tensor, "B N 4"]:
+        """The cascade's refinement of given boxes: what the teacher does to jittered boxes to
+        measure how reliable a box is (Soft Teacher's box jitter,
+        :func:`fdet.ops.pseudo.jitter_std`).
+
+        Stage 0 runs on ``boxes`` as its RoIs (pooled from ``outputs.features`` as in
+        :meth:`postprocess`, under the features' autocast) and :func:`refine_rois` decodes its
+        deltas onto them (the class-agnostic column, or with class-specific deltas the column
+        of the box's class ``labels``, ``0 .. K-1``), clipped to ``image_sizes`` (height,
+        width); stage 1 runs on those boxes, and so on: the last stage's boxes are returned.
+        Float32, without gradient; padded rows give finite boxes for the caller to mask.
+        """
+        columns = labels.long() + 1  # [B, N], the deltas' column of each box's class
+        boxes = boxes.detach().float()
+        with autocast_like(outputs.features):
+            for head, spec in zip(self.roi_heads, self.stage_specs):  # stages
+                roi = head(outputs.features, boxes)
+                boxes = refine_rois(roi, boxes, image_sizes, spec=spec, labels=columns)
+        return boxes
 
 
 @register(specs.CascadeRCNN)

@@ -47,9 +47,11 @@ from fdet.models.detectors.two_stage.roi_heads import (
     roi_targets,
 )
 from fdet.models.detectors.two_stage.rpn import RPN, RPNOutputs
+from fdet.ops.boxes import clip_boxes
+from fdet.ops.coding import decode_deltas
 from fdet.ops.postprocess import Detections
 from fdet.ops.proposals import Proposals
-from fdet.ops.roi import SampledRoIs
+from fdet.ops.roi import SampledRoIs, select_class_deltas
 from fdet.registry import build, register
 
 __all__ = [
@@ -157,6 +159,9 @@ class FasterRCNN(TwoStageDetector):
         mean, std, input_range: input normalization, ``(x / input_range - mean) / std``.
     """
 
+    box_terms = frozenset({"rpn_box", "roi_box"})
+    """The RPN's and the RoI head's box regressions."""
+
     def __init__(
         self,
         *,
@@ -252,6 +257,36 @@ class FasterRCNN(TwoStageDetector):
         return roi_postprocess(
             roi, proposals.boxes, proposals.valid, image_sizes, spec=self.roi_spec
         )
+
+    # --- for a semi-supervised teacher ------------------------------------------------------------
+
+    def refine_boxes(
+        self,
+        outputs: FasterRCNNOutputs,
+        boxes: Float[Tensor, "B N 4"],
+        labels: Int[Tensor, "B N"],
+        image_sizes: Int[Tensor, "B 2"] | Float[Tensor, "B 2"],
+    ) -> Float[Tensor, "B N 4"]:
+        """The RoI head's refinement of given boxes: what the teacher does to jittered boxes
+        to measure how reliable a box is (Soft Teacher's box jitter,
+        :func:`fdet.ops.pseudo.jitter_std`).
+
+        The RoI head runs on ``boxes`` as its RoIs (pooled from ``outputs.features`` as in
+        :meth:`postprocess`, under the features' autocast), and each box is decoded with the
+        deltas of its class ``labels`` (``0 .. K-1``; the single column of a class-agnostic
+        head) by the stage's coder, as
+        :func:`~fdet.models.detectors.two_stage.roi_heads.roi_postprocess` decodes a
+        detection's box, then clipped to ``image_sizes`` (height, width). Float32, without
+        gradient; padded rows give finite boxes for the caller to mask.
+        """
+        with autocast_like(outputs.features):
+            roi = self.roi_heads(outputs.features, boxes)
+        deltas = select_class_deltas(roi.box_deltas.detach().float(), labels.long() + 1)
+        coder = self.roi_spec.coder
+        decoded = decode_deltas(
+            boxes.detach().float(), deltas, means=coder.means, stds=coder.stds, clip=coder.clip
+        )  # [B, N, 4]
+        return clip_boxes(decoded, image_sizes)
 
 
 @register(specs.FasterRCNN)

@@ -62,6 +62,10 @@ class MaskRCNN(FasterRCNN):
         The other arguments are :class:`FasterRCNN`'s.
     """
 
+    box_terms = FasterRCNN.box_terms | {"mask"}
+    """Faster R-CNN's box terms and ``"mask"``: the mask targets are cropped by the gt boxes,
+    and they need ground-truth masks, which pseudo-labels do not have."""
+
     def __init__(
         self,
         *,
