@@ -23,6 +23,7 @@ __all__ = [
     "experiment_loader",
     "make_datasets",
     "max_objects",
+    "unlabeled_loader",
 ]
 
 
@@ -33,10 +34,15 @@ class TrainingError(RuntimeError):
 
 @attrs.frozen
 class DataSets:
-    """The train and val data sets of an experiment (``fdet.data.coco.CocoDataset``)."""
+    """The train and val data sets of an experiment (``fdet.data.coco.CocoDataset``), and for a
+    semi-supervised one the unlabeled set (:class:`fdet.data.semi.UnlabeledPairs`; ``train`` is
+    then the labeled part) and whether its images have labels (hidden from training, used to
+    measure the pseudo-labels)."""
 
     train: Any
     val: Any
+    unlabeled: Any = None
+    unlabeled_has_labels: bool = False
 
 
 def make_datasets(exp: specs.Experiment, *, with_train: bool = True) -> DataSets:
@@ -89,7 +95,44 @@ def make_datasets(exp: specs.Experiment, *, with_train: bool = True) -> DataSets
                 f"{train_args[1]})"
             )
     check_classes(exp.model, val, "training" if train is not None else "validation")
+    if train is not None and exp.semi is not None:
+        return _semi_datasets(exp, train, val, train_args, on_bad)
     return DataSets(train=train, val=val)
+
+
+def _semi_datasets(
+    exp: specs.Experiment,
+    train: Any,
+    val: Any,
+    train_args: tuple[str | Path, str | Path],
+    on_bad: Literal["error", "skip"],
+) -> DataSets:
+    """The labeled and unlabeled sets of a semi-supervised experiment: a seeded split of the
+    training set (``labeled_fraction``) or the training set and extra images (``unlabeled``)."""
+    from fdet.data.coco import CocoDataset
+    from fdet.data.semi import ImageFolder, IndexSubset, UnlabeledPairs, split_indices
+    from fdet.data.transforms import build_transform
+
+    semi = exp.semi
+    assert semi is not None
+    source: Any
+    has_labels = True
+    if semi.labeled_fraction is not None:
+        labeled, rest = split_indices(len(train), semi.labeled_fraction, semi.split_seed)
+        stored = CocoDataset(*train_args, on_bad_input=on_bad, seed=exp.seed)
+        train, source = IndexSubset(train, labeled), IndexSubset(stored, rest)
+    else:
+        assert semi.unlabeled is not None
+        images, annotations = semi.unlabeled.images, semi.unlabeled.annotations
+        if annotations is None:
+            source, has_labels = ImageFolder(images), False
+        else:
+            source = CocoDataset(images, annotations, on_bad_input=on_bad, seed=exp.seed)
+            has_labels = any(len(v) for v in source.coco.imgToAnns.values())
+    unlabeled = UnlabeledPairs(
+        source, weak=build_transform(semi.weak, train=True), strong=semi.strong, seed=exp.seed
+    )
+    return DataSets(train=train, val=val, unlabeled=unlabeled, unlabeled_has_labels=has_labels)
 
 
 def check_classes(model: specs.Spec, dataset: Any, name: str = "data") -> None:
@@ -109,12 +152,18 @@ def _where(dataset: Any) -> str:
 
 
 def check_batches(
-    exp: specs.Experiment, dataset: Any, *, world_size: int = 1, val: Any = None
+    exp: specs.Experiment,
+    dataset: Any,
+    *,
+    world_size: int = 1,
+    val: Any = None,
+    unlabeled: Any = None,
 ) -> None:
     """A clear error when the training set is empty or holds fewer images (a process's share
     of them, with several processes) than one micro-batch, so that no full batch can be made,
-    or when the validation set ``val`` (given when the run evaluates) is empty: found before
-    the run folder is written."""
+    or when the validation set ``val`` (given when the run evaluates) is empty, or the
+    ``unlabeled`` set of a semi-supervised run smaller than its micro-batch: found before the
+    run folder is written."""
     where = _where(dataset)
     size = len(dataset)
     if size == 0:
@@ -130,11 +179,21 @@ def check_batches(
             f"batch_size {exp.batch_size}{split} is larger than the training set{where}: "
             f"{size} images{each}; use a batch_size of at most {share * exp.accumulate}"
         )
+    if unlabeled is not None and exp.semi is not None:
+        micro = exp.semi.unlabeled_batch_size // exp.accumulate
+        share = -(-len(unlabeled) // world_size)
+        if share < micro:
+            raise TrainingError(
+                f"semi.unlabeled_batch_size {exp.semi.unlabeled_batch_size} is larger than the "
+                f"unlabeled set: {len(unlabeled)} images"
+                + (f", {share} a process of {world_size}" if world_size > 1 else "")
+            )
 
 
 def max_objects(dataset: Any) -> int:
-    """The most annotations of any image of a COCO-format data set (at least 1)."""
-    per_image = getattr(dataset.coco, "imgToAnns", {})
+    """The most annotations of any image of a COCO-format data set (at least 1; 1 for a set
+    without annotations)."""
+    per_image = getattr(getattr(dataset, "coco", None), "imgToAnns", {})
     return max([1, *(len(anns) for anns in per_image.values())])
 
 
@@ -196,6 +255,35 @@ def experiment_loader(
         world_size=world_size,
         slots=slot_buckets(max_objects(full)),
         pad_shards=train,  # evaluation sees every image once
+    )
+
+
+def unlabeled_loader(
+    exp: specs.Experiment, dataset: Any, *, rank: int = 0, world_size: int = 1
+) -> Any:
+    """The loader of a semi-supervised experiment's unlabeled set: shuffled micro-batches of
+    ``semi.unlabeled_batch_size / accumulate`` pairs (:func:`fdet.data.semi.collate_pairs`), in
+    an order of their own (seeded apart from the labeled stream's)."""
+    from fdet.data.collate import slot_buckets
+    from fdet.data.loader import make_loader
+    from fdet.data.semi import collate_pairs
+
+    semi = exp.semi
+    if semi is None:
+        raise TrainingError("unlabeled_loader: the experiment has no semi spec")
+    return make_loader(
+        SeededSamples(dataset, exp.seed + 7919),
+        batch_size=max(1, semi.unlabeled_batch_size // exp.accumulate),
+        shuffle=True,
+        seed=exp.seed + 7919,
+        num_workers=exp.num_workers,
+        pad_divisor=semi.weak.pad_divisor,
+        drop_last=True,
+        rank=rank,
+        world_size=world_size,
+        slots=slot_buckets(max_objects(dataset)),
+        pad_shards=True,
+        collate=collate_pairs,
     )
 
 

@@ -100,7 +100,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     stop_after: int | None = None,
-    step_factory: StepFactory = supervised_step,
+    step_factory: StepFactory | None = None,
     hooks: list[Hook] | None = None,
 ) -> TrainResult:
     """Train ``exp`` and write the run to ``out_dir``.
@@ -117,7 +117,8 @@ def train(
     checked (and probed with a real write) before any data is made or model built, and the data
     (empty, or smaller than a batch) before anything is written.
     ``stop_after``: checkpoint and stop after that iteration, as an interruption would.
-    ``step_factory``: how a step is computed (default: :func:`fdet.train.step.supervised_step`);
+    ``step_factory``: how a step is computed (default: :func:`fdet.train.step.supervised_step`,
+    or :func:`fdet.train.semi.semi_step` for an experiment with ``semi``);
     ``hooks``: replace the default hooks (:func:`fdet.train.hooks.default_hooks`).
     Under ``torchrun`` each process runs this function; rank 0 writes the files.
     """
@@ -159,6 +160,7 @@ def train(
             datasets.train,
             world_size=dist.world_size,
             val=datasets.val if evaluates else None,
+            unlabeled=datasets.unlabeled,
         )
         if dist.is_main:
             _prepare_run_dir(
@@ -220,6 +222,12 @@ def train(
         trainer.console = Console(
             exp.iterations, trainer.state.iteration, stream, bar=progress, main=dist.is_main
         )
+        if step_factory is None:
+            step_factory = supervised_step
+            if exp.semi is not None:
+                from fdet.train.semi import semi_step
+
+                step_factory = semi_step  # type: ignore[assignment]
         try:
             run_loop(
                 trainer,
@@ -311,11 +319,21 @@ def dry_run(exp: specs.Experiment, stream: TextIO) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\nmodel: {total:,} parameters, {trainable:,} trainable", file=stream)
     datasets = make_datasets(exp)
-    for name, ds in (("train", datasets.train), ("val", datasets.val)):
-        anns = sum(len(v) for v in ds.coco.imgToAnns.values())
+    labeled = "labeled" if exp.semi is not None else "train"
+    for name, ds in ((labeled, datasets.train), ("val", datasets.val)):
+        per_image = ds.coco.imgToAnns
+        anns = sum(len(per_image.get(i, ())) for i in ds.image_ids)
         print(
             f"{name}: {len(ds)} images, {anns} annotations, {len(ds.category_names)} classes "
             f"({', '.join(ds.category_names)})",
+            file=stream,
+        )
+    if datasets.unlabeled is not None:
+        assert exp.semi is not None
+        hidden = " (their labels unused)" if datasets.unlabeled_has_labels else ""
+        print(
+            f"unlabeled: {len(datasets.unlabeled)} images{hidden}, "
+            f"{exp.semi.unlabeled_batch_size} a step; burn-in {exp.semi.burn_in} iterations",
             file=stream,
         )
     per_step = exp.batch_size

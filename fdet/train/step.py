@@ -17,8 +17,9 @@ exactly that of the whole batch, for any set of terms:
   their own step-wide counts at the end (one backward pass a group and micro-batch).
 
 Data-parallel averaging over ``W`` processes is accounted for by all-reducing counts as means.
-A new kind of step (teacher–student, ...) is a new factory that computes its terms in its own
-way and hands them to :func:`backward_terms` and :func:`apply_update`; the loop is unchanged.
+A new kind of step is a new factory that computes its terms in its own way and hands them to
+:func:`update` (:func:`backward_terms`, then :func:`apply_update`); the loop is unchanged
+(:func:`fdet.train.semi.semi_step`, the teacher–student step, is one).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "autocast",
     "backward_terms",
     "supervised_step",
+    "update",
 ]
 
 DATA_WAIT = "data_wait_ms"
@@ -246,12 +248,30 @@ def apply_update(
     optimizer.zero_grad(set_to_none=True)
 
 
+def update(ctx: StepContext, compute: Callable[[int], LossTerms]) -> dict[str, Tensor]:
+    """One optimizer update of ``ctx`` over ``exp.accumulate`` micro-batches of ``compute``:
+    :func:`backward_terms`, then :func:`apply_update`. Returns what :func:`backward_terms`
+    does."""
+    values = backward_terms(
+        compute,
+        accumulate=ctx.exp.accumulate,
+        model=ctx.model,
+        scaler=ctx.scaler,
+        world_size=ctx.world_size,
+    )
+    apply_update(
+        ctx.optimizer,
+        ctx.model.parameters(),
+        scaler=ctx.scaler,
+        grad_clip_norm=ctx.exp.grad_clip_norm,
+    )
+    return values
+
+
 def supervised_step(ctx: StepContext) -> Step:
     """The supervised step: each micro-batch of ``ctx.batches`` through ``ctx.forward`` (under
     the run's autocast, ``ctx.precision``) and ``ctx.loss_fn``, :func:`backward_terms`, then
     :func:`apply_update`."""
-    exp = ctx.exp
-    micro_batches = exp.accumulate
     waited = [0.0]
 
     def compute(_: int) -> LossTerms:
@@ -265,19 +285,7 @@ def supervised_step(ctx: StepContext) -> Step:
 
     def step() -> dict[str, Tensor]:
         waited[0] = 0.0
-        values = backward_terms(
-            compute,
-            accumulate=micro_batches,
-            model=ctx.model,
-            scaler=ctx.scaler,
-            world_size=ctx.world_size,
-        )
-        apply_update(
-            ctx.optimizer,
-            ctx.model.parameters(),
-            scaler=ctx.scaler,
-            grad_clip_norm=exp.grad_clip_norm,
-        )
+        values = update(ctx, compute)
         # what the step waited for its batches (host time; 0 when the loader keeps ahead)
         values[DATA_WAIT] = torch.tensor(waited[0] * 1e3, device=values["loss"].device)
         return values

@@ -25,6 +25,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def torchrun_train(
+    exp: specs.Experiment, out: Path, work: Path, *, final_eval: bool = True
+) -> None:
+    """``train(exp, out)`` in 2 processes under ``torchrun`` (gloo, one thread each); each rank
+    saves its final weights to ``out/rank{r}.pt``."""
+    spec_file = work / "ddp.json"
+    spec_file.write_text(specs.to_json(exp))
+    worker = work / "worker.py"
+    worker.write_text(
+        "import sys, torch\n"
+        "from fdet import specs\n"
+        "from fdet.train import train\n"
+        f"result = train(specs.load(sys.argv[1]), sys.argv[2], progress=False, "
+        f"final_eval={final_eval})\n"
+        "rank = int(__import__('os').environ['RANK'])\n"
+        "torch.save(result.model.state_dict(), f'{sys.argv[2]}/rank{rank}.pt')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(worker), str(spec_file), str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     single = gn_experiment(
         tmp_path / "cache",
@@ -35,26 +62,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> 
         **PLAIN_SGD,  # a gradient off by a constant factor would show (AdamW cancels it)
     )
     per_rank = attrs.evolve(single, batch_size=2)
-    spec_file = tmp_path / "ddp.json"
-    spec_file.write_text(specs.to_json(per_rank))
-    worker = tmp_path / "worker.py"
-    worker.write_text(
-        "import sys, torch\n"
-        "from fdet import specs\n"
-        "from fdet.train import train\n"
-        "result = train(specs.load(sys.argv[1]), sys.argv[2], progress=False)\n"
-        "rank = int(__import__('os').environ['RANK'])\n"
-        "torch.save(result.model.state_dict(), f'{sys.argv[2]}/rank{rank}.pt')\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        str(worker), str(spec_file), str(tmp_path / "ddp"),
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
+    torchrun_train(per_rank, tmp_path / "ddp", tmp_path)
     ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # DDP keeps ranks identical
