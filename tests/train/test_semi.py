@@ -399,3 +399,40 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> 
     assert largest_difference(ranks[0], ref) < 1e-3 * update
     ddp_log = [r for r in _log(tmp_path / "ddp") if "u_cls" in r]
     assert ddp_log[-1]["u_cls"] > 0
+
+
+@pytest.mark.parametrize(
+    "file", ["semi_retinanet_r18_fpn.py", "semi_faster_rcnn_r18_fpn.py"], ids=lambda f: f
+)
+def test_semi_spec_files_train_and_evaluate_from_the_command_line(
+    file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fdet.cli import main
+    from tests.inference.conftest import tiny_set_args
+
+    run = tmp_path / "run"
+    extra = {
+        "data.train_images": 40,  # 10 % labeled: 4 images, a batch of 4
+        "semi.unlabeled_batch_size": 4,
+        "semi.burn_in": 2,
+        "semi.weak.min_size": [64],
+        "semi.weak.max_size": 64,
+        "semi.score_threshold": 0.0,
+        "iterations": 4,
+    }
+    args = ["train", str(SHAPES / file), "--out", str(run), "--no-progress"]
+    assert main(args + tiny_set_args(tmp_path / "cache", extra)) == 0
+    records = [r for r in _log(run) if "unsup_weight" in r]
+    assert [r["unsup_weight"] > 0 for r in records] == [False, True]  # logs at 2 and 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"bbox", "bbox_ema"} <= set(metrics)
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0  # the teacher (EMA weights) by default
+    assert "AP" in capsys.readouterr().out
+
+    too_few = {**extra, "semi.unlabeled_batch_size": 64}
+    args2 = ["train", str(SHAPES / file), "--out", str(tmp_path / "run2"), "--no-progress"]
+    assert main(args2 + tiny_set_args(tmp_path / "cache", too_few)) == 2
+    assert "unlabeled_batch_size 64 is larger than the unlabeled set: 36 images" in (
+        capsys.readouterr().err
+    )
