@@ -90,9 +90,10 @@ class _Labeler(nn.Module):
         from fdet.ops.pseudo import jitter_boxes, jitter_std, pseudo_labels
 
         semi = self.semi
+        detector: Any = self.detector  # a Detector (postprocess, refine_boxes)
         with autocast(self.precision, images.device):
-            outputs = self.detector(images)
-        detections = self.detector.postprocess(outputs, image_sizes)
+            outputs = detector(images)
+        detections = detector.postprocess(outputs, image_sizes)
         pseudo = pseudo_labels(
             detections, score_threshold=semi.score_threshold, max_labels=semi.max_pseudo_labels
         )
@@ -101,7 +102,7 @@ class _Labeler(nn.Module):
         b, k = pseudo.labels.shape
         times = semi.jitter_times
         jittered = jitter_boxes(pseudo.boxes, times=times, scale=semi.jitter_scale)  # [B,K,J,4]
-        refined = self.detector.refine_boxes(
+        refined = detector.refine_boxes(
             outputs,
             jittered.reshape(b, k * times, 4),
             pseudo.labels.repeat_interleave(times, dim=1),
