@@ -212,9 +212,11 @@ def train(
         trainer.forward = trainer.model
         loss_fn: Callable[..., Any] = raw.loss
         if exp.compile in ("objective", "model"):
-            # a second slot bucket (or image size) makes the compiler trace once more with
-            # dynamic sizes, and then never again: no limit on buckets or scales
-            loss_fn = torch.compile(raw.loss, fullgraph=True)
+            # one static graph a (image size, slot bucket): with dynamic sizes, torch's
+            # compiled backward of the dense objectives keeps a stride of the first size and
+            # fails at the second (multi-scale training, the strong views of semi-supervised
+            # training). Past torch._dynamo's recompile limit (8), new shapes run eagerly.
+            loss_fn = torch.compile(raw.loss, fullgraph=True, dynamic=False)
         trainer.loss_fn = loss_fn
         if exp.compile == "model":
             trainer.forward = torch.compile(trainer.model)
