@@ -143,14 +143,13 @@ def _check_model(ctx: SemiContext, semi: specs.SemiSupervised) -> frozenset[str]
     if getattr(ctx.exp.model, "mask_head", None) is not None:
         raise TrainingError(
             f"semi-supervised training of {type(raw).__name__}: pseudo-labels carry no masks, "
-            "so a mask head cannot learn from unlabeled images; train its box detector "
-            "(FasterRCNN, CascadeRCNN) semi-supervised instead"
+            "so a mask head cannot learn from unlabeled images; train the model without its "
+            "mask head semi-supervised instead"
         )
     if semi.reliability == "jitter" and not callable(getattr(raw, "refine_boxes", None)):
         raise TrainingError(
-            f"semi.reliability 'jitter' needs a detector that refines given boxes "
-            f"(refine_boxes: FasterRCNN, CascadeRCNN); {type(raw).__name__} has none: use "
-            "reliability 'score'"
+            f"semi.reliability 'jitter' needs a detector that refines given boxes (a "
+            f"refine_boxes method); {type(raw).__name__} has none: use reliability 'score'"
         )
     if ctx.ema is None:
         raise TrainingError("semi-supervised training needs the experiment's ema (the teacher)")
